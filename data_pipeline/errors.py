@@ -1,0 +1,28 @@
+"""Exceptions of the data pipeline.
+
+``data_pipeline`` does not import ``pretrain``: the trainer maps ``DataConfigError`` onto its own
+``ConfigError`` where it wants one message type.
+"""
+
+from __future__ import annotations
+
+
+class DataConfigError(ValueError):
+    """A data setting (or a combination of them) that cannot work; the message names the setting."""
+
+
+class DataExhausted(Exception):
+    """A reader with a finite number of epochs has no more batches.
+
+    Deliberately not ``StopIteration``: inside a generator that would silently end the caller's
+    loop (PEP 479 turns it into ``RuntimeError`` instead), hiding where the data ran out.
+    """
+
+
+class CorruptShardError(RuntimeError):
+    """A shard is truncated, fails its checksum or holds a malformed sample; names the shard."""
+
+    def __init__(self, shard: str, reason: str) -> None:
+        super().__init__(f"corrupt shard {shard}: {reason}")
+        self.shard = shard
+        self.reason = reason

@@ -1,0 +1,368 @@
+"""Sparse global attention (SGA): a local causal window plus summary tokens of earlier chunks.
+
+Shape legend: b batch, T time, H query heads, Hkv key/value heads (GQA: Hkv divides H, each kv
+head serves g = H / Hkv query heads), K head dim, S summaries per row, n query blocks, W block
+length, G' summaries gathered per query block.
+
+The op (``sparse_global_attention_dense_ref`` defines it). Query t attends, in one softmax, to
+
+* the local window: keys s with ``t - window < s <= t`` of t's own document, and
+* summary tokens: summary j (a key/value pair standing for the positions
+  ``summary_start[j] .. summary_end[j]``) is a *candidate* for t when
+  (1) ``summary_end[j] <= t - window``: the summary ends before the window begins, so it is causal
+      and never double counts a token of the window;
+  (2) ``summary_start[j]`` and ``summary_end[j]`` lie in t's document: nothing of an earlier
+      document, and no chunk that crosses a document boundary, is ever seen;
+  of its candidates, t keeps the ``n_global`` most recent (largest index j).
+
+Consequence of (1): the tokens between the end of the last visible summary and the start of the
+window (fewer than one chunk) are seen neither locally nor through a summary. Letting a summary
+overlap the window would double count up to a chunk of tokens instead; a gap of < summary_chunk
+tokens behind a window of w >> summary_chunk tokens is the cheaper compromise.
+
+Summaries are computed by the caller (``build_chunk_summaries`` pools document-aligned chunks); the
+op only needs, per row, summaries sorted by ``summary_end``. Padding entries carry
+``summary_end >= T - 1`` (never visible, keeps the order).
+
+CPU algorithm (``sparse_global_attention``), O(T * (window + n_global)) time and memory, never a
+T x T matrix: T is split into blocks of W = min(window, T) queries; block n attends to key blocks
+n-1 and n (masked to the window) and to the G' <= n_global + (summaries ending inside the block)
+summaries it can need, gathered per block. The two parts are merged by log-sum-exp exactly as
+flash attention merges tiles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# document ids given to padding positions (real documents are numbered 0, 1, ...)
+_FRONT_PAD_DOC = -1
+_BACK_PAD_DOC = -2
+
+
+class ChunkSummaries(NamedTuple):
+    """Summary tokens of one batch, sorted by ``end`` within each row.
+
+    Attributes:
+        k: [b, S, Hkv, K] summary keys.
+        v: [b, S, Hkv, K] summary values.
+        start: [b, S] int64, first position (in the row) each summary covers.
+        end: [b, S] int64, last position each summary covers; padding entries hold T.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def document_ids(seq_idx: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Canonical document number of each position, 0, 1, ... per row: [b, T] int64.
+
+    Any change of ``seq_idx`` along T starts a new document (so the ids of the caller need not be
+    contiguous or non-negative). ``None``: one document per row.
+    """
+    if seq_idx is None:
+        return torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    starts = torch.zeros_like(seq_idx, dtype=torch.long)
+    starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return starts.cumsum(dim=1)
+
+
+def build_chunk_summaries(
+    k: torch.Tensor, v: torch.Tensor, chunk: int, doc_pos: torch.Tensor | None = None
+) -> ChunkSummaries:
+    """Mean-pool keys and values over document-aligned chunks of ``chunk`` tokens.
+
+    A chunk starts at every position whose position-in-document is a multiple of ``chunk``, so a
+    document packed at any offset of a row gets exactly the chunks it would get alone, and no chunk
+    crosses a document boundary. The last chunk of a document may be shorter; it ends at the
+    document's last token, so the visibility rule of the op never shows it (only later documents
+    could see it, and they are masked).
+
+    Args:
+        k: [b, T, Hkv, K] keys (as they should be pooled, e.g. after RoPE).
+        v: [b, T, Hkv, K] values.
+        chunk: tokens per summary.
+        doc_pos: [b, T] int position of each token inside its document; ``None``: ``arange(T)``.
+
+    Returns:
+        ChunkSummaries with S = the largest number of chunks of any row; k/v pooled in fp32 (or
+        fp64) and cast back to the input dtype.
+    """
+    b, T = k.shape[:2]
+    pos = torch.arange(T, device=k.device).expand(b, T)
+    if doc_pos is None:
+        doc_pos = pos
+    is_start = doc_pos % chunk == 0
+    seg = is_start.long().cumsum(dim=1) - 1  # [b, T] chunk index within the row
+    n_seg = int(seg[:, -1].max().item()) + 1
+    start = torch.full((b, n_seg), T, dtype=torch.long, device=k.device)
+    start = start.scatter_reduce(1, seg, pos, reduce="amin")
+    end = torch.full((b, n_seg), -1, dtype=torch.long, device=k.device)
+    end = end.scatter_reduce(1, seg, pos, reduce="amax")
+    is_pad = end < 0
+    end = end.masked_fill(is_pad, T)
+    count = (end - start + 1).clamp_min(1)
+
+    acc_dtype = torch.promote_types(k.dtype, torch.float32)
+    flat_idx = (seg + torch.arange(b, device=k.device)[:, None] * n_seg).reshape(-1)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        src = x.reshape(b * T, -1).to(acc_dtype)
+        total = torch.zeros(b * n_seg, src.shape[1], dtype=acc_dtype, device=x.device)
+        total = total.index_add(0, flat_idx, src).view(b, n_seg, *x.shape[2:])
+        return (total / count[:, :, None, None].to(acc_dtype)).to(x.dtype)
+
+    return ChunkSummaries(pool(k), pool(v), start, end)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, n_global: int) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q [b,T,H,K], k/v [b,T,Hkv,K]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}")
+    if window < 1 or n_global < 0:
+        raise ValueError(f"need window >= 1 and n_global >= 0, got {window}, {n_global}")
+
+
+def _summary_eligible(summaries: ChunkSummaries, doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per summary: may it be seen at all ([b, S] bool), and its document id ([b, S])."""
+    T = doc.shape[1]
+    start, end = summaries.start, summaries.end
+    doc_end = doc.gather(1, end.clamp(0, T - 1))
+    doc_start = doc.gather(1, start.clamp(0, T - 1))
+    eligible = (end < T) & (start >= 0) & (start <= end) & (doc_start == doc_end)
+    return eligible, doc_end
+
+
+# ---------------------------------------------------------------------------------------------
+# dense reference: defines the op
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_visibility_dense(
+    summaries: ChunkSummaries, doc: torch.Tensor, window: int, n_global: int
+) -> torch.Tensor:
+    """[b, T, S] bool: summary j is among the ``n_global`` most recent candidates of query t."""
+    T = doc.shape[1]
+    eligible, doc_end = _summary_eligible(summaries, doc)
+    t = torch.arange(T, device=doc.device)
+    candidate = (
+        eligible[:, None, :]
+        & (doc_end[:, None, :] == doc[:, :, None])
+        & (summaries.end[:, None, :] <= (t - window)[None, :, None])
+    )
+    # number of candidates at index >= j, counted from the most recent one backwards
+    from_latest = candidate.long().flip(-1).cumsum(-1).flip(-1)
+    return candidate & (from_latest <= n_global)
+
+
+def sparse_global_attention_dense_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    summaries: ChunkSummaries | None,
+    *,
+    window: int,
+    n_global: int,
+    seq_idx: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The op, built the slow obvious way: a full T x (T + S) mask and one softmax. Tests only.
+
+    Arguments as in ``sparse_global_attention``; returns [b, T, H, K].
+    """
+    _check_inputs(q, k, v, window, n_global)
+    b, T, H, K = q.shape
+    rep = H // k.shape[2]
+    scale = K**-0.5 if scale is None else scale
+    doc = document_ids(seq_idx, b, T, q.device)
+    t = torch.arange(T, device=q.device)
+    local = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)  # [T(query), T(key)]
+    mask = local[None] & (doc[:, :, None] == doc[:, None, :])  # [b, T, T]
+    keys, values = k, v
+    if summaries is not None and n_global > 0:
+        mask = torch.cat([mask, summary_visibility_dense(summaries, doc, window, n_global)], dim=-1)
+        keys = torch.cat([k, summaries.k], dim=1)
+        values = torch.cat([v, summaries.v], dim=1)
+    keys = keys.repeat_interleave(rep, dim=2)
+    values = values.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhk,bshk->bhqs", q, keys) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhqs,bshk->bqhk", scores.softmax(dim=-1), values)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocked CPU algorithm
+# ---------------------------------------------------------------------------------------------
+
+
+class _Part(NamedTuple):
+    """One part of the keys of a query block, before normalisation (flash-attention style)."""
+
+    num: torch.Tensor  # [b, n, Hkv, g, W, K] sum_s exp(score - m) v_s
+    den: torch.Tensor  # [b, n, Hkv, g, W, 1] sum_s exp(score - m)
+    m: torch.Tensor  # [b, n, Hkv, g, W, 1] row max (detached); -inf where the row sees nothing
+
+
+def _attend_part(q_blk: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor, mask: torch.Tensor) -> _Part:
+    """Masked attention of query blocks over their own key set, kept unnormalised.
+
+    Args:
+        q_blk: [b, n, W, Hkv, g, K] (already scaled).
+        k_blk, v_blk: [b, n, L, Hkv, K].
+        mask: [b, n, W, L] bool, True = visible.
+    """
+    # The [.., W, L] score tensor dominates memory, so it is updated in place: the einsum's backward
+    # needs only q and k, masked_fill_ and sub_ need nothing, and exp_ saves its own output.
+    scores = torch.einsum("bnwhgk,bnlhk->bnhgwl", q_blk, k_blk)
+    scores.masked_fill_(~mask[:, :, None, None], float("-inf"))
+    with torch.no_grad():  # the max only shifts the exponent and cancels in num / den
+        m = scores.amax(dim=-1, keepdim=True)
+    p = scores.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
+    num = torch.einsum("bnhgwl,bnlhk->bnhgwk", p, v_blk)
+    return _Part(num, p.sum(dim=-1, keepdim=True), m)
+
+
+def _merge_parts(a: _Part, b: _Part | None) -> torch.Tensor:
+    """Log-sum-exp merge of two parts -> normalised output [b, n, Hkv, g, W, K].
+
+    Part ``a`` (the local window) always has a finite max: every query sees at least itself.
+    """
+    if b is None:
+        return a.num / a.den
+    m = torch.maximum(a.m, b.m)
+    alpha, beta = torch.exp(a.m - m), torch.exp(b.m - m)  # beta = 0 where b sees nothing
+    return (alpha * a.num + beta * b.num) / (alpha * a.den + beta * b.den)
+
+
+def _local_part(
+    q_blk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_pad: torch.Tensor, window: int, blk: int
+) -> _Part:
+    """Each query block attends to its own and the previous key block, masked to the window.
+
+    Args:
+        q_blk: [b, n, W, Hkv, g, K]; k, v: [b, n*W, Hkv, K] (padded at the back);
+        doc_pad: [b, (n+1)*W] document ids of the positions -W .. n*W-1.
+    """
+    b, n = q_blk.shape[:2]
+    kp = F.pad(k, (0, 0, 0, 0, blk, 0))  # one block of padding in front: "block -1"
+    vp = F.pad(v, (0, 0, 0, 0, blk, 0))
+    shape = (b, n, blk, *k.shape[2:])
+    k_blk = torch.cat([kp[:, :-blk].reshape(shape), kp[:, blk:].reshape(shape)], dim=2)
+    v_blk = torch.cat([vp[:, :-blk].reshape(shape), vp[:, blk:].reshape(shape)], dim=2)
+
+    i = torch.arange(blk, device=k.device)
+    j = torch.arange(2 * blk, device=k.device)
+    rel = (i[:, None] + blk) - j[None, :]  # t - s for query i and key j of one block
+    in_window = (rel >= 0) & (rel < window)  # [W, 2W]
+    doc_q = doc_pad[:, blk:].reshape(b, n, blk)
+    doc_k = torch.cat([doc_pad[:, :-blk].reshape(b, n, blk), doc_q], dim=2)  # [b, n, 2W]
+    mask = in_window & (doc_q[..., :, None] == doc_k[..., None, :])
+    return _attend_part(q_blk, k_blk, v_blk, mask)
+
+
+def _summary_part(
+    q_blk: torch.Tensor, summaries: ChunkSummaries, doc: torch.Tensor, window: int, n_global: int
+) -> _Part | None:
+    """Each query block attends to the contiguous range of summaries its queries may need.
+
+    With summaries sorted by end, query t's candidates are among indices [0, hi(t)) with
+    hi(t) = #{j: end_j <= t - window}; it keeps those with E[hi(t)] - E[j] <= n_global, E being the
+    exclusive prefix count of eligible summaries. Both bounds grow with t, so block n needs only
+    indices [first(t0), hi(t_last)): at most n_global + (summaries ending in the block) + ineligible.
+    """
+    b, n, blk = q_blk.shape[:3]
+    T, S = doc.shape[1], summaries.end.shape[1]
+    if S == 0 or n_global == 0:
+        return None
+    eligible, doc_end = _summary_eligible(summaries, doc)
+    ecount = F.pad(eligible.long().cumsum(dim=1), (1, 0))  # [b, S+1]
+
+    t = torch.arange(n * blk, device=doc.device)
+    bound = (t.clamp(max=T - 1) - window).expand(b, -1).contiguous()
+    hi = torch.searchsorted(summaries.end.contiguous(), bound, right=True)  # [b, n*W]
+    e_hi = ecount.gather(1, hi)  # [b, n*W]
+    first = torch.searchsorted(ecount, (e_hi - n_global).view(b, n, blk)[:, :, 0].contiguous())  # [b, n]
+    last = hi.view(b, n, blk)[:, :, -1]
+    width = int((last - first).max().item())
+    if width <= 0:
+        return None
+    raw_idx = first[:, :, None] + torch.arange(width, device=doc.device)  # [b, n, G']
+    idx = raw_idx.clamp(max=S - 1)  # clamped entries are masked below through raw_idx >= hi
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # [b, S, ...] -> [b, n, G', ...]
+        flat = idx.reshape(b, n * width)
+        if x.dim() == 2:
+            return x.gather(1, flat).view(b, n, width)
+        picked = x.gather(1, flat.view(b, n * width, 1, 1).expand(-1, -1, *x.shape[2:]))
+        return picked.view(b, n, width, *x.shape[2:])
+
+    doc_q = F.pad(doc, (0, n * blk - T), value=_BACK_PAD_DOC).view(b, n, blk, 1)
+    e_idx = ecount.gather(1, idx.reshape(b, -1)).view(b, n, 1, width)
+    mask = (
+        (raw_idx[:, :, None, :] < hi.view(b, n, blk, 1))
+        & gather(eligible)[:, :, None, :]
+        & (gather(doc_end)[:, :, None, :] == doc_q)
+        & (e_hi.view(b, n, blk, 1) - e_idx <= n_global)
+    )
+    return _attend_part(q_blk, gather(summaries.k), gather(summaries.v), mask)
+
+
+def sparse_global_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    summaries: ChunkSummaries | None,
+    *,
+    window: int,
+    n_global: int,
+    seq_idx: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sparse global attention, blocked CPU algorithm in O(T * (window + n_global)).
+
+    Args:
+        q: [b, T, H, K] queries.
+        k, v: [b, T, Hkv, K] keys and values (Hkv divides H).
+        summaries: summary tokens sorted by ``end`` per row (see ``ChunkSummaries``), or ``None``
+            for local attention only.
+        window: local causal window in tokens, the query included.
+        n_global: at most this many summaries per query (the most recent candidates).
+        seq_idx: [b, T] document numbers of packed rows, ``None``: one document per row.
+        scale: score scale, default ``K ** -0.5``.
+
+    Returns:
+        [b, T, H, K] in the dtype of ``q``; the softmax runs in fp32 (fp64 for fp64 inputs) with
+        autocast off.
+    """
+    _check_inputs(q, k, v, window, n_global)
+    b, T, H, K = q.shape
+    hkv = k.shape[2]
+    scale = K**-0.5 if scale is None else scale
+    blk = min(window, T)
+    n = -(-T // blk)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    doc = document_ids(seq_idx, b, T, q.device)
+    if summaries is not None and summaries.end.shape[1] > 1:
+        if bool((summaries.end[:, 1:] < summaries.end[:, :-1]).any()):
+            raise ValueError("summaries must be sorted by end position within each row")
+
+    with torch.autocast(q.device.type, enabled=False):
+        pad = n * blk - T
+        q_blk = (F.pad(q.to(dtype), (0, 0, 0, 0, 0, pad)) * scale).view(b, n, blk, hkv, H // hkv, K)
+        k_p = F.pad(k.to(dtype), (0, 0, 0, 0, 0, pad))
+        v_p = F.pad(v.to(dtype), (0, 0, 0, 0, 0, pad))
+        doc_pad = F.pad(F.pad(doc, (0, pad), value=_BACK_PAD_DOC), (blk, 0), value=_FRONT_PAD_DOC)
+        local = _local_part(q_blk, k_p, v_p, doc_pad, window, blk)
+        glob = None
+        if summaries is not None:
+            cast = summaries._replace(k=summaries.k.to(dtype), v=summaries.v.to(dtype))
+            glob = _summary_part(q_blk, cast, doc, window, n_global)
+        out = _merge_parts(local, glob)  # [b, n, Hkv, g, W, K]
+    out = out.permute(0, 1, 4, 2, 3, 5).reshape(b, n * blk, H, K)[:, :T]
+    return out.to(q.dtype)

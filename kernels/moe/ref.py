@@ -1,0 +1,212 @@
+"""Dropless mixture-of-experts compute over SwiGLU experts stacked per expert.
+
+Shape legend: n tokens, k expert slots per token, E experts, D model dim, F expert hidden dim,
+M = n * k (token, slot) pairs.
+
+Expert ``e`` maps a row ``x`` [D] to ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` [D]; the op
+returns, for each token, the sum over its k slots of ``weights[i, j] * expert_{idx[i, j]}(x[i])``.
+Weights are stacked: ``w1``, ``w3`` [E, D, F] and ``w2`` [E, F, D].
+
+Three implementations of the same op, same signature:
+- ``moe_experts_loop_ref``: the per-(token, slot) loop that defines the op (tests only).
+- ``moe_experts_sorted``: the CPU path: pairs sorted by expert, one dense matmul per non-empty
+  expert on its contiguous slice, scatter-added back. No capacity, nothing dropped.
+- ``moe_experts_grouped_mm``: the same sorted layout fed to ``torch.nn.functional.grouped_mm``
+  (one call per weight matrix instead of a Python loop over experts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_shapes(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> None:
+    n, d = x.shape
+    n_experts, d_w, f = w1.shape
+    if expert_idx.shape != weights.shape or expert_idx.dim() != 2 or expert_idx.shape[0] != n:
+        raise ValueError(
+            f"expert_idx {tuple(expert_idx.shape)} and weights {tuple(weights.shape)} must both be"
+            f" [n={n}, k]"
+        )
+    if d_w != d or w3.shape != w1.shape or w2.shape != (n_experts, f, d):
+        raise ValueError(
+            f"expert weights must be w1, w3 [E, D={d}, F] and w2 [E, F, D]; got w1"
+            f" {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)}"
+        )
+
+
+def moe_experts_loop_ref(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Reference MoE expert compute: a Python loop over every (token, slot) pair.
+
+    Defines the op; it is slow (n * k tiny matmuls) and meant for tests on tiny sizes.
+
+    Args:
+        x: [n, D] token features.
+        expert_idx: [n, k] int64 expert of each slot (repeats allowed).
+        weights: [n, k] combine weight of each slot.
+        w1: [E, D, F] gate projection of each expert.
+        w3: [E, D, F] up projection of each expert.
+        w2: [E, F, D] down projection of each expert.
+
+    Returns:
+        [n, D] ``sum_j weights[i, j] * expert_{expert_idx[i, j]}(x[i])``.
+    """
+    _check_shapes(x, expert_idx, weights, w1, w3, w2)
+    rows = []
+    for i in range(x.shape[0]):
+        acc = torch.zeros_like(x[i], dtype=torch.promote_types(x.dtype, weights.dtype))
+        for j in range(expert_idx.shape[1]):
+            e = int(expert_idx[i, j])
+            hidden = F.silu(x[i] @ w1[e]) * (x[i] @ w3[e])
+            acc = acc + weights[i, j] * (hidden @ w2[e])
+        rows.append(acc)
+    if not rows:
+        return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weights.dtype))
+    return torch.stack(rows)
+
+
+def _sort_by_expert(
+    expert_idx: torch.Tensor, weights: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the (token, slot) pairs by expert.
+
+    Returns:
+        token_of_pair [M] (source token of each sorted pair), weight_of_pair [M] and
+        counts [E] (pairs per expert; expert e owns the e-th contiguous slice).
+    """
+    flat_expert = expert_idx.reshape(-1)
+    # stable: pairs of one expert keep token order, so results do not depend on sort internals
+    order = torch.argsort(flat_expert, stable=True)
+    token_of_pair = order // expert_idx.shape[1]
+    weight_of_pair = weights.reshape(-1).index_select(0, order)
+    counts = torch.bincount(flat_expert, minlength=n_experts)
+    return token_of_pair, weight_of_pair, counts
+
+
+def moe_experts_sorted(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless MoE expert compute: sort pairs by expert, one matmul chain per non-empty expert.
+
+    Args:
+        x: [n, D] token features.
+        expert_idx: [n, k] int64 expert of each slot (repeats allowed).
+        weights: [n, k] combine weight of each slot.
+        w1: [E, D, F] gate projection of each expert.
+        w3: [E, D, F] up projection of each expert.
+        w2: [E, F, D] down projection of each expert.
+
+    Returns:
+        [n, D] in the promoted dtype of the expert outputs and ``weights`` (so fp32 weights
+        accumulate bf16 expert outputs in fp32 under autocast).
+    """
+    _check_shapes(x, expert_idx, weights, w1, w3, w2)
+    token_of_pair, weight_of_pair, counts = _sort_by_expert(expert_idx, weights, w1.shape[0])
+    x_sorted = x.index_select(0, token_of_pair)  # [M, D]
+    outs = []
+    start = 0
+    # one host sync for the ragged sizes; the loop skips empty experts entirely
+    for e, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        x_e = x_sorted[start : start + count]
+        outs.append((F.silu(x_e @ w1[e]) * (x_e @ w3[e])) @ w2[e])
+        start += count
+    return _combine(x, outs, weight_of_pair, token_of_pair)
+
+
+def _combine(
+    x: torch.Tensor,
+    outs: list[torch.Tensor],
+    weight_of_pair: torch.Tensor,
+    token_of_pair: torch.Tensor,
+) -> torch.Tensor:
+    """Scale the sorted expert outputs by their weights and scatter-add them onto their tokens."""
+    if not outs:
+        return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weight_of_pair.dtype))
+    out_sorted = torch.cat(outs) * weight_of_pair[:, None]  # [M, D]
+    y = out_sorted.new_zeros(x.shape)
+    return y.index_add_(0, token_of_pair, out_sorted)
+
+
+def grouped_mm_problem(x: torch.Tensor, w1: torch.Tensor) -> str | None:
+    """Why ``moe_experts_grouped_mm`` cannot run on these inputs, or None when it can.
+
+    ``grouped_mm`` needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes, i.e.
+    D and F multiples of 4 (fp32) or 8 (bf16/fp16).
+    """
+    if _GROUPED_MM is None:
+        return "this torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
+    if x.dtype not in _GROUPED_MM_DTYPES:
+        return f"grouped_mm supports {_GROUPED_MM_DTYPES}, got {x.dtype}"
+    d, f = w1.shape[1], w1.shape[2]
+    if (d * x.element_size()) % 16 or (f * x.element_size()) % 16:
+        return f"grouped_mm needs D and F rows of 16-byte multiples; got D={d}, F={f}, {x.dtype}"
+    return None
+
+
+def moe_experts_grouped_mm(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless MoE expert compute with ``grouped_mm`` over the expert-sorted pairs.
+
+    Same op and signature as ``moe_experts_sorted``. The matmuls run in ``x.dtype`` (the weights
+    are cast to it), since ``grouped_mm`` is not covered by autocast.
+
+    Args:
+        x: [n, D] token features (fp32, bf16 or fp16; see ``grouped_mm_problem``).
+        expert_idx: [n, k] int64 expert of each slot.
+        weights: [n, k] combine weight of each slot.
+        w1: [E, D, F] gate projection of each expert.
+        w3: [E, D, F] up projection of each expert.
+        w2: [E, F, D] down projection of each expert.
+
+    Returns:
+        [n, D] in the promoted dtype of ``x`` and ``weights``.
+
+    Raises:
+        ValueError: when ``grouped_mm`` cannot run on these inputs (dtype, alignment, torch).
+    """
+    _check_shapes(x, expert_idx, weights, w1, w3, w2)
+    problem = grouped_mm_problem(x, w1)
+    if problem is not None:
+        raise ValueError(f"moe_experts_grouped_mm: {problem}; use moe_experts_sorted")
+    token_of_pair, weight_of_pair, counts = _sort_by_expert(expert_idx, weights, w1.shape[0])
+    if token_of_pair.numel() == 0:
+        return _combine(x, [], weight_of_pair, token_of_pair)
+    offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice; empty slices allowed
+    x_sorted = x.index_select(0, token_of_pair)  # [M, D]
+    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    hidden = F.silu(_GROUPED_MM(x_sorted, w1, offs=offs)) * _GROUPED_MM(x_sorted, w3, offs=offs)
+    out = _GROUPED_MM(hidden, w2, offs=offs)  # [M, D]
+    # grouped_mm's backward rejects zero-stride gradients (e.g. from y.sum()); the gradient that
+    # reaches it here is always dense because _combine multiplies by the per-pair weights first
+    return _combine(x, [out], weight_of_pair, token_of_pair)

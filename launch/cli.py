@@ -1,0 +1,104 @@
+"""``hydra-pretrain``: the command line.
+
+Subcommands: ``params`` (parameter account of a config), ``train`` (single-process training),
+``prepare`` (text -> webdataset token shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from launch.package_check import check_own_packages
+from pretrain.config_errors import ConfigError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="YAML run config, e.g. configs/hydra-tiny.yaml"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. model.d_model=256 train.steps=10"
+    )
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def run_params(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+    from pretrain.models.params import count_parameters
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model, device="meta")  # no memory: the 1.6B config is fine anywhere
+    account = count_parameters(model).as_dict()
+    account["family"] = cfg.model.family
+    if args.json:
+        print(json.dumps(account))
+        return 0
+    print(f"{cfg.model.family} model from {args.config}")
+    print(f"{'component':<18}{'total':>16}{'active/token':>16}")
+    for name, c in account["components"].items():
+        print(f"{name:<18}{c['total']:>16,}{c['active']:>16,}")
+    total, active = account["total_params"], account["active_params"]
+    print(
+        f"{'TOTAL':<18}{total:>16,}{active:>16,}   ({_format_count(total)} total, "
+        f"{_format_count(active)} active)"
+    )
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.train_loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.prepare import run_prepare as prepare
+
+    return prepare(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hydra-pretrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    params = sub.add_parser("params", help="print the parameter account of a config")
+    _add_config_args(params)
+    params.add_argument("--json", action="store_true", help="print one JSON object")
+    params.set_defaults(func=run_params)
+
+    train = sub.add_parser("train", help="train a model (single process)")
+    _add_config_args(train)
+    train.set_defaults(func=run_train)
+
+    prepare = sub.add_parser("prepare", help="tokenise text into webdataset token shards")
+    try:
+        from data_pipeline.prepare import add_prepare_arguments
+
+        add_prepare_arguments(prepare)
+    except ImportError:  # pragma: no cover - only while the data pipeline is not installed
+        pass
+    prepare.set_defaults(func=run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    check_own_packages()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

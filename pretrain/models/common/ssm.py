@@ -1,0 +1,199 @@
+"""Mamba-2 mixer: input projection, causal depthwise conv, SSD scan, gated RMSNorm, output projection.
+
+Shape legend: B batch, T time, D d_model, E d_inner (= expand * D), H SSM heads, P head dim
+(E = H * P), G B/C groups, N state size, K conv width (d_conv), X conv channels (E + 2 * G * N).
+
+Document resets (``seq_idx``) are exact in both the conv (taps into an earlier document read zero)
+and the scan (the state restarts at zero), so a packed row equals its documents run one by one.
+The scan and the SSM parameters (``A_log``, ``D``, ``dt_bias``) stay fp32 under bf16 autocast
+(mamba_ssm issues #6, #352 show what happens otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ssd import document_ids, ssd_scan_chunked
+from pretrain.models.config import SSMConfig
+
+
+class SSMState(NamedTuple):
+    """What a mixer carries from one segment of a sequence to the next.
+
+    ``ssm`` [B, H, P, N] (fp32) is the scan state after the last token; ``conv`` [B, K-1, X] holds
+    the last K-1 conv inputs (zeros where they belong to an earlier document than the last one).
+    """
+
+    ssm: torch.Tensor
+    conv: torch.Tensor
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y * silu(z))`` over groups of ``group_size`` channels (Mamba-2's norm before out_proj).
+
+    Computed in fp32; the result is fp32 (the caller casts).
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if dim % group_size:
+            raise ValueError(f"group_size={group_size} must divide dim={dim}")
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z: [..., dim] -> [..., dim] fp32."""
+        g = y.float() * F.silu(z.float())
+        grouped = g.unflatten(-1, (-1, self.group_size))
+        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.flatten(-2) * self.weight.float()
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (SSD) sequence mixer, single device; sequence parallelism builds on its states."""
+
+    def __init__(self, d_model: int, cfg: SSMConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        d_inner = cfg.expand * d_model
+        if d_inner % cfg.head_dim:
+            raise ValueError(f"head_dim={cfg.head_dim} must divide d_inner={d_inner}")
+        n_heads = d_inner // cfg.head_dim
+        if n_heads % cfg.n_groups:
+            raise ValueError(f"n_groups={cfg.n_groups} must divide n_heads={n_heads}")
+        self.cfg = cfg
+        self.d_model, self.d_inner, self.n_heads = d_model, d_inner, n_heads
+        self.conv_dim = d_inner + 2 * cfg.n_groups * cfg.d_state
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + n_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True
+        )
+        self.dt_bias = nn.Parameter(torch.empty(n_heads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(n_heads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(n_heads, dtype=torch.float32))
+        self.norm = GatedRMSNorm(d_inner, d_inner // cfg.n_groups, eps=norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02) -> None:
+        """(Re)initialise every parameter; works after ``to_empty()`` from the meta device."""
+        nn.init.normal_(self.in_proj.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=init_std)
+        self.conv1d.reset_parameters()
+        cfg = self.cfg
+        # dt log-uniform in [dt_min, dt_max]; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))
+        u = torch.rand(self.n_heads, device=self.dt_bias.device, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_min)  # exp/log rounding must not leave the range
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.empty_like(self.A_log).uniform_(cfg.a_init_min, cfg.a_init_max)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+        self.norm.init_weights(init_std)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        initial_state: torch.Tensor | None = None,
+        conv_state: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, SSMState]:
+        """Mix along time.
+
+        Args:
+            x: [B, T, D] input.
+            seq_idx: [B, T] document index per position, or None (one document per row).
+            initial_state: [B, H, P, N] scan state left by the previous segment, or None (zeros).
+            conv_state: [B, K-1, X] last conv inputs of the previous segment, or None (zeros).
+                Both states continue the *first* document of each row: a caller whose row starts
+                a new document must pass None (or zeros) for that row.
+            return_state: also return the states after the last token.
+
+        Returns:
+            [B, T, D], or ([B, T, D], SSMState) when ``return_state``. Running a sequence in two
+            segments, the second from the first's state, equals running it whole.
+        """
+        cfg, H, G = self.cfg, self.n_heads, self.cfg.n_groups
+        z, xbc, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        doc = document_ids(seq_idx) if seq_idx is not None else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xbc_act = F.silu(self._causal_conv(xbc.float(), doc, conv_state))
+            xs, b_in, c_out = xbc_act.split(
+                [self.d_inner, G * cfg.d_state, G * cfg.d_state], dim=-1
+            )
+            xs = xs.unflatten(-1, (H, cfg.head_dim))  # [B, T, H, P]
+            dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, T, H]
+            A = -torch.exp(self.A_log.float())
+            y, ssm_state = ssd_scan_chunked(
+                xs,
+                dt,
+                A,
+                b_in.unflatten(-1, (G, cfg.d_state)),
+                c_out.unflatten(-1, (G, cfg.d_state)),
+                cfg.chunk_size,
+                initial_state=None if initial_state is None else initial_state.float(),
+                seq_idx=doc,
+            )
+            y = y + self.D.float()[:, None] * xs
+            y = self.norm(y.flatten(-2), z)
+        out = self.out_proj(y.to(z.dtype))
+        if not return_state:
+            return out
+        return out, SSMState(ssm=ssm_state, conv=self._next_conv_state(xbc, doc, conv_state))
+
+    def _conv_prefix(self, xbc: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
+        """[B, K-1, X] conv inputs before t = 0 (zeros when no state is given)."""
+        k1 = self.cfg.d_conv - 1
+        if conv_state is None:
+            return xbc.new_zeros((xbc.shape[0], k1, self.conv_dim))
+        if tuple(conv_state.shape) != (xbc.shape[0], k1, self.conv_dim):
+            raise ValueError(
+                f"conv_state must be [B, K-1, X] = {(xbc.shape[0], k1, self.conv_dim)},"
+                f" got {tuple(conv_state.shape)}"
+            )
+        return conv_state.to(xbc.dtype)
+
+    def _causal_conv(
+        self, xbc: torch.Tensor, doc: torch.Tensor | None, conv_state: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Depthwise causal conv [B, T, X] -> [B, T, X]; taps into an earlier document read zero.
+
+        A loop over the K taps instead of ``F.conv1d`` so each tap can be masked per position.
+        """
+        K, T = self.cfg.d_conv, xbc.shape[1]
+        padded = torch.cat([self._conv_prefix(xbc, conv_state), xbc], dim=1)  # [B, T+K-1, X]
+        weight = self.conv1d.weight.to(xbc.dtype)[:, 0, :]  # [X, K]; tap K-1 is position t
+        out = self.conv1d.bias.to(xbc.dtype).expand_as(xbc)
+        doc_padded = None
+        if doc is not None:
+            # the carried-in prefix continues the row's first document
+            doc_padded = torch.cat([doc[:, :1].expand(-1, K - 1), doc], dim=1)
+        for k in range(K):
+            tap = padded[:, k : k + T] * weight[:, k]
+            if doc_padded is not None:
+                tap = tap * (doc_padded[:, k : k + T] == doc)[..., None].to(tap.dtype)
+            out = out + tap
+        return out
+
+    def _next_conv_state(
+        self, xbc: torch.Tensor, doc: torch.Tensor | None, conv_state: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Last K-1 conv inputs [B, K-1, X], zeroed where they precede the last document."""
+        K = self.cfg.d_conv
+        padded = torch.cat([self._conv_prefix(xbc, conv_state), xbc], dim=1)
+        state = padded[:, padded.shape[1] - (K - 1) :]
+        if doc is None:
+            return state
+        doc_padded = torch.cat([doc[:, :1].expand(-1, K - 1), doc], dim=1)
+        same = doc_padded[:, doc_padded.shape[1] - (K - 1) :] == doc[:, -1:]
+        return state * same[..., None].to(state.dtype)

@@ -1,0 +1,217 @@
+"""Workspace memory: M slots carried from chunk to chunk, read by tokens, then written.
+
+Each document is cut into chunks of C tokens counted from the document's own start (chunk index =
+position_in_document // C), so a packed row computes exactly what its documents compute alone.
+Inside a document, for chunk c = 0, 1, ...:
+
+1. read: every token of chunk c attends over the slots as left by chunks < c (the learned initial
+   slots for c = 0); queries come from the tokens, keys/values from the slots. A token therefore
+   sees no token of its own chunk (not even earlier ones) and nothing after it: causal.
+2. write: the slots attend over the tokens of chunk c (slots are the queries) to get an update
+   u, and take a GRU-like convex step ``slots' = (1 - g) * slots + g * u`` with a per-slot,
+   per-channel gate ``g = sigmoid(W_g [norm(slots), u] + b_g)``. The convex step keeps the slots
+   bounded over any number of chunks.
+
+The recurrence runs over chunk "segments" (T/C steps plus one per extra document start); the reads
+of all segments and the key/value projections of all tokens are batched, so the loop only does
+the small slot-side work. Gradients flow through the whole recurrence. Nothing persists across
+forward calls. A row has S <= ceil(T/C) + (documents - 1) segments, each padded to C positions;
+only a document's last segment can be partial, and its write is never read, so the padding mask
+in the write only keeps padding out of the arithmetic.
+
+Shape legend: B batch, T time, D d_model, M slots, H heads, K = D/H head dim, C chunk size,
+S segments per row (a segment = the tokens of one chunk of one document, padded to C positions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.models.common.documents import positions_in_document
+from pretrain.models.common.layers import RMSNorm
+from pretrain.models.config import WorkspaceConfig
+
+
+@dataclass
+class _Segments:
+    """Where each token sits in the padded segment layout [B, S*C]."""
+
+    flat_index: torch.Tensor  # [B, T] segment * C + position_in_chunk
+    n_segments: int  # S
+    token_valid: torch.Tensor  # [B, S, C] bool, a real token sits there
+    starts_document: torch.Tensor  # [B, S] bool, the segment's first token starts a document
+
+
+def _build_segments(
+    seq_idx: torch.Tensor | None, batch: int, seq_len: int, chunk: int, device: torch.device
+) -> _Segments:
+    pos = positions_in_document(seq_idx, batch, seq_len, device)  # [B, T]
+    in_chunk = pos % chunk
+    # every segment begins with a token at in-chunk position 0 (a chunk or a document start)
+    segment = (in_chunk == 0).long().cumsum(dim=1) - 1  # [B, T]
+    if seq_idx is None:
+        n_segments = math.ceil(seq_len / chunk)
+    else:
+        n_segments = int(segment.max().item()) + 1  # shape-defining: one host sync per call
+    flat_index = segment * chunk + in_chunk
+    padded_pos = torch.full((batch, n_segments * chunk), -1, dtype=pos.dtype, device=device)
+    padded_pos = padded_pos.scatter(1, flat_index, pos).view(batch, n_segments, chunk)
+    return _Segments(
+        flat_index=flat_index,
+        n_segments=n_segments,
+        token_valid=padded_pos >= 0,
+        starts_document=padded_pos[:, :, 0] == 0,
+    )
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 (fp64 stays fp64) for the slot state and softmaxes."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[..., D] -> [..., H, K]."""
+    return x.unflatten(-1, (n_heads, x.shape[-1] // n_heads))
+
+
+class WorkspaceMemory(nn.Module):
+    """Chunk-recurrent slot memory; returns the read, which the block adds to the residual.
+
+    Parameters: ``slots`` [M, D] (the initial slots), ``norm`` (tokens) and ``slot_norm`` (slots)
+    RMSNorms, read projections ``read_q`` / ``read_kv`` / ``read_out``, write projections
+    ``write_q`` / ``write_kv`` / ``write_out`` and the gate ``gate`` (2D -> D, with bias).
+    The slot state is kept in fp32 under bf16 autocast.
+    """
+
+    # The block gives it the raw residual: it applies its own input RMSNorm (self.norm).
+    normalizes_input = True
+
+    def __init__(self, d_model: int, cfg: WorkspaceConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if d_model % cfg.n_heads:
+            raise ValueError(f"workspace n_heads={cfg.n_heads} does not divide d_model={d_model}")
+        self.d_model = d_model
+        self.n_slots = cfg.n_slots
+        self.n_heads = cfg.n_heads
+        self.chunk_size = cfg.chunk_size
+        self.slots = nn.Parameter(torch.empty(cfg.n_slots, d_model))
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.slot_norm = RMSNorm(d_model, norm_eps)
+        self.read_q = nn.Linear(d_model, d_model, bias=False)
+        self.read_kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.read_out = nn.Linear(d_model, d_model, bias=False)
+        self.write_q = nn.Linear(d_model, d_model, bias=False)
+        self.write_kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.write_out = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(2 * d_model, d_model, bias=True)
+        self.init_weights()
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        """(Re)initialise every parameter.
+
+        Initial slots ~ N(0, init_std) like embeddings (they are RMS-normalised before use, so
+        only their directions matter at first); linears get a truncated normal of std
+        ``init_std``; the gate bias starts at 0, so a write first moves a slot halfway to its
+        update.
+        """
+        nn.init.normal_(self.slots, mean=0.0, std=init_std)
+        self.norm.init_weights(init_std)
+        self.slot_norm.init_weights(init_std)
+        for lin in (
+            self.read_q,
+            self.read_kv,
+            self.read_out,
+            self.write_q,
+            self.write_kv,
+            self.write_out,
+            self.gate,
+        ):
+            nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the workspace for every token, writing it chunk by chunk.
+
+        Args:
+            x: [B, T, D] input (the residual stream).
+            seq_idx: [B, T] int64 document ids of a packed row (non-decreasing), or None.
+
+        Returns:
+            [B, T, D] the read of each token, in ``x``'s dtype.
+        """
+        batch, seq_len, d_model = x.shape
+        chunk = self.chunk_size
+        seg = _build_segments(seq_idx, batch, seq_len, chunk, x.device)
+        gather_index = seg.flat_index[..., None].expand(batch, seq_len, d_model)
+        x_n = self.norm(x)
+        padded = x_n.new_zeros(batch, seg.n_segments * chunk, d_model).scatter(1, gather_index, x_n)
+        padded = padded.view(batch, seg.n_segments, chunk, d_model)  # [B, S, C, D]
+        states = self._run_slots(padded, seg)  # [B, S, M, D], the state each segment reads
+        read = self._read(padded, states)  # [B, S, C, D]
+        read = read.reshape(batch, seg.n_segments * chunk, d_model).gather(1, gather_index)
+        return read.to(x.dtype)
+
+    def _run_slots(self, tokens: torch.Tensor, seg: _Segments) -> torch.Tensor:
+        """The chunk recurrence: the slot state each segment reads, [B, S, M, D] (fp32 or wider).
+
+        Args:
+            tokens: [B, S, C, D] normalised tokens in the padded segment layout.
+            seg: the segment layout.
+        """
+        batch = tokens.shape[0]
+        initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
+        keys, vals = _heads(self.write_kv(tokens), self.n_heads).chunk(2, dim=-1)  # [B, S, C, H, K]
+        state = initial
+        states = []
+        for s in range(seg.n_segments):
+            state = torch.where(seg.starts_document[:, s, None, None], initial, state)
+            states.append(state)
+            if s + 1 < seg.n_segments:  # the last segment's write would be read by nobody
+                state = self._write(state, keys[:, s], vals[:, s], seg.token_valid[:, s])
+        return torch.stack(states, dim=1)
+
+    def _write(
+        self, state: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """One gated write of a segment's tokens into the slots.
+
+        Args:
+            state: [B, M, D] fp32 slots before the write.
+            keys, vals: [B, C, H, K] projections of the segment's tokens.
+            valid: [B, C] bool, real tokens (padding is masked out).
+
+        Returns:
+            [B, M, D] fp32 slots after the write.
+        """
+        state_n = self.slot_norm(state)
+        q = _heads(self.write_q(state_n), self.n_heads)  # [B, M, H, K]
+        scores = _wide(torch.einsum("bmhk,bchk->bhmc", q, keys)) / math.sqrt(q.shape[-1])
+        # A finite fill keeps a fully padded segment NaN-free (its result is never read).
+        scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1).to(vals.dtype)
+        mixed = torch.einsum("bhmc,bchk->bmhk", probs, vals).flatten(-2)  # [B, M, D]
+        update = self.write_out(mixed)
+        g = torch.sigmoid(_wide(self.gate(torch.cat((state_n.to(update.dtype), update), dim=-1))))
+        return (1.0 - g) * state + g * update.to(state.dtype)
+
+    def _read(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Tokens of each segment attend over the slots that segment reads.
+
+        Args:
+            tokens: [B, S, C, D] normalised tokens.
+            states: [B, S, M, D] fp32 slot state read by each segment.
+
+        Returns:
+            [B, S, C, D] the reads.
+        """
+        q = _heads(self.read_q(tokens), self.n_heads)  # [B, S, C, H, K]
+        keys, vals = _heads(self.read_kv(self.slot_norm(states)), self.n_heads).chunk(2, dim=-1)
+        scores = _wide(torch.einsum("bschk,bsmhk->bshcm", q, keys)) / math.sqrt(q.shape[-1])
+        probs = F.softmax(scores, dim=-1).to(vals.dtype)
+        mixed = torch.einsum("bshcm,bsmhk->bschk", probs, vals).flatten(-2)
+        return self.read_out(mixed)

@@ -1,0 +1,136 @@
+"""The Hydra block: parallel gated paths, then optional memories.
+
+    h = x + g_ssm * SSM(n(x)) + g_att * SGA(n(x)) + g_ffn * FFN_or_MoE(n(x))
+    h = h + g_ws * Workspace(n(h))      (blocks listed in workspace.after_blocks)
+    h = h + g_pkm * PKM(n(h))           (blocks listed in pkm.after_blocks)
+
+Each path has its own RMSNorm and a learnable scalar gate. A path that is switched off (absent
+from the config, or deactivated at run time by the curriculum) is skipped: it costs nothing.
+
+Shape legend: B batch, T time, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.models.common.attention import SparseGlobalAttention
+from pretrain.models.common.layers import RMSNorm, SwiGLU
+from pretrain.models.common.moe import ChunkMoE
+from pretrain.models.common.pkm import ProductKeyMemory
+from pretrain.models.common.ssm import Mamba2Mixer
+from pretrain.models.common.workspace import WorkspaceMemory
+from pretrain.models.config import ModelConfig
+
+PARALLEL_PATHS = ("ssm", "attention", "ffn")
+MEMORY_PATHS = ("workspace", "pkm")
+
+
+def hydra_block_paths(cfg: ModelConfig, layer: int) -> dict[str, nn.Module]:
+    """The path modules that block ``layer`` of a Hydra model holds, keyed by path name."""
+    d, paths = cfg.d_model, {}
+    if cfg.ssm.enabled:
+        paths["ssm"] = Mamba2Mixer(d, cfg.ssm, norm_eps=cfg.norm_eps)
+    if cfg.attention.enabled and (layer + 1) % cfg.attention.every == 0:
+        paths["attention"] = SparseGlobalAttention(d, cfg.attention)
+    if cfg.moe.enabled and (layer + 1) % cfg.moe.every == 0:
+        paths["ffn"] = ChunkMoE(d, cfg.moe)
+    elif cfg.d_ff > 0:
+        paths["ffn"] = SwiGLU(d, cfg.d_ff)
+    if cfg.workspace.enabled and layer in cfg.workspace.after_blocks:
+        paths["workspace"] = WorkspaceMemory(d, cfg.workspace, norm_eps=cfg.norm_eps)
+    if cfg.pkm.enabled and layer in cfg.pkm.after_blocks:
+        paths["pkm"] = ProductKeyMemory(d, cfg.pkm, norm_eps=cfg.norm_eps)
+    return paths
+
+
+class GatedPathBlock(nn.Module):
+    """A residual block of named, gated, switchable paths (Hydra's block; also used by baselines).
+
+    Args:
+        d_model: residual width.
+        paths: path name -> module. Modules named in ``parallel`` read the block input and are
+            summed; the others run one after another on the running residual.
+        parallel: names of the paths that run in parallel on the block input.
+        norm_eps: RMSNorm epsilon.
+        gate_init: initial value of every path gate.
+        gated: False builds no gates (the Llama / Mamba-2 baselines have none).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        paths: dict[str, nn.Module],
+        parallel: tuple[str, ...] = PARALLEL_PATHS,
+        norm_eps: float = 1e-5,
+        gate_init: float = 1.0,
+        gated: bool = True,
+    ) -> None:
+        super().__init__()
+        self.paths = nn.ModuleDict(paths)
+        # Paths that normalise their own input (the memories) get no second norm here.
+        self.norms = nn.ModuleDict(
+            {
+                name: nn.Identity()
+                if getattr(module, "normalizes_input", False)
+                else RMSNorm(d_model, norm_eps)
+                for name, module in paths.items()
+            }
+        )
+        self.gates = nn.ParameterDict(
+            {name: nn.Parameter(torch.full((), gate_init)) for name in paths} if gated else {}
+        )
+        self.parallel = tuple(name for name in parallel if name in paths)
+        self.sequential = tuple(name for name in paths if name not in self.parallel)
+        self.gate_init = gate_init
+        # Run-time switches (curriculum). Not parameters, not saved: the stage decides them.
+        self.active = {name: True for name in paths}
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        for name, module in self.paths.items():
+            module.init_weights(init_std)
+            if isinstance(self.norms[name], RMSNorm):
+                self.norms[name].init_weights(init_std)
+            if name in self.gates:
+                nn.init.constant_(self.gates[name], self.gate_init)
+
+    def _run_path(
+        self, name: str, x: torch.Tensor, seq_idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.paths[name](self.norms[name](x), seq_idx=seq_idx)
+        aux = None
+        if isinstance(out, tuple):  # MoE returns (y, aux_loss)
+            out, aux = out
+        if name in self.gates:
+            out = self.gates[name].to(out.dtype) * out
+        return out, aux
+
+    def forward(
+        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> (x' [B, T, D], aux_loss scalar)."""
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        update = None
+        for name in self.parallel:
+            if not self.active[name]:
+                continue
+            out, aux = self._run_path(name, x, seq_idx)
+            update = out if update is None else update + out
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        if update is not None:
+            x = x + update
+        for name in self.sequential:
+            if not self.active[name]:
+                continue
+            out, aux = self._run_path(name, x, seq_idx)
+            x = x + out
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        return x, aux_loss
+
+
+def build_hydra_block(cfg: ModelConfig, layer: int) -> GatedPathBlock:
+    """Block ``layer`` of a Hydra model."""
+    return GatedPathBlock(cfg.d_model, hydra_block_paths(cfg, layer), norm_eps=cfg.norm_eps)

@@ -1,0 +1,95 @@
+"""The causal language model shared by every family: embedding -> blocks -> norm -> head.
+
+Families differ only in the block they build (``BLOCK_BUILDERS``). Blocks sit in an
+``nn.ModuleDict`` keyed by index so that parameter names stay stable for sharded checkpoints.
+
+Shape legend: B batch, T time, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pretrain.models.common.layers import RMSNorm
+from pretrain.models.config import ModelConfig, validate_model_config
+from pretrain.models.hydra.block import GatedPathBlock, build_hydra_block
+from pretrain.models.mamba2.block import build_mamba2_block
+from pretrain.models.output import ModelOutput
+from pretrain.models.paths import PATH_NAMES
+from pretrain.models.transformer.block import build_transformer_block
+
+BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, int], GatedPathBlock]] = {
+    "hydra": build_hydra_block,
+    "transformer": build_transformer_block,
+    "mamba2": build_mamba2_block,
+}
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model built from ``cfg.family``'s blocks."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        build_block = BLOCK_BUILDERS[cfg.family]
+        self.blocks = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; used after ``to_empty()`` when built on meta."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        # Deeper stacks get smaller block weights so the residual stream does not grow with depth.
+        block_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks.values():
+            block.init_weights(block_std)
+        self.norm.init_weights(std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=self.cfg.d_model**-0.5)
+
+    def set_active_paths(self, active: Iterable[str]) -> None:
+        """Switch block paths on (names in ``active``) or off (all others); off paths cost nothing."""
+        active = set(active)
+        unknown = active - set(PATH_NAMES)
+        if unknown:
+            raise ValueError(f"unknown path names {sorted(unknown)}; known: {list(PATH_NAMES)}")
+        for block in self.blocks.values():
+            for name in block.active:
+                block.active[name] = name in active
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] (and optional document index seq_idx [B, T]) -> logits [B, T, V]."""
+        h = self.tok_embeddings(input_ids)
+        aux_loss = h.new_zeros((), dtype=torch.float32)
+        for block in self.blocks.values():
+            h, block_aux = block(h, seq_idx=seq_idx)
+            aux_loss = aux_loss + block_aux
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = torch.nn.functional.linear(h, weight)
+        return ModelOutput(logits=logits, aux_loss=aux_loss)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> CausalLM:
+    """Validate ``cfg`` and build its model.
+
+    Args:
+        cfg: the model section of a run config.
+        device: where to allocate; ``"meta"`` builds without memory (call ``to_empty`` and
+            ``init_weights`` afterwards, e.g. after FSDP sharding).
+
+    Returns:
+        The model, initialised (unless built on meta).
+    """
+    validate_model_config(cfg)  # before any allocation
+    with torch.device(device if device is not None else "cpu"):
+        return CausalLM(cfg)

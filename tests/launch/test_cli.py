@@ -1,0 +1,45 @@
+"""The command line: params (table and JSON), train, config errors as exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.cli import main
+from launch.package_check import check_own_packages
+from tests.pretrain.model_helpers import CONFIG_DIR
+
+TINY = str(CONFIG_DIR / "hydra-tiny.yaml")
+
+
+def test_params_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", "--config", TINY, "--json"]) == 0
+    account = json.loads(capsys.readouterr().out)
+    assert account["total_params"] >= account["active_params"] > 0
+    assert sum(c["total"] for c in account["components"].values()) == account["total_params"]
+
+
+def test_params_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", "--config", str(CONFIG_DIR / "hydra-1.6b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "TOTAL" in out and "pkm" in out and "moe" in out
+
+
+def test_train_runs_and_loss_goes_down(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", TINY, "train.steps=30", "train.log_every=5"]) == 0
+    losses = [
+        float(line.split("loss ")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("step")
+    ]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+
+
+def test_config_error_is_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", "--config", TINY, "model.no_such_key=1"]) == 2
+    assert "model.no_such_key" in capsys.readouterr().err
+
+
+def test_own_packages_are_not_shadowed() -> None:
+    check_own_packages()
