@@ -22,7 +22,8 @@ class DataExhausted(Exception):
 class CorruptShardError(RuntimeError):
     """A shard is truncated, fails its checksum or holds a malformed sample; names the shard."""
 
-    def __init__(self, shard: str, reason: str) -> None:
-        super().__init__(f"corrupt shard {shard}: {reason}")
+    def __init__(self, shard: str, reason: str | None = None) -> None:
+        # One-argument form: the full message, as DataLoader rebuilds a worker's exception.
+        super().__init__(shard if reason is None else f"corrupt shard {shard}: {reason}")
         self.shard = shard
-        self.reason = reason
+        self.reason = reason or ""

@@ -10,7 +10,6 @@ special ids are used and recorded in the shard manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -128,7 +127,10 @@ def _find_special(tok: object, names: Sequence[str]) -> int | None:
 
 
 def train_bpe(
-    files: Sequence[str | Path], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+    files: Sequence[str | Path],
+    vocab_size: int,
+    min_frequency: int = 2,
+    show_progress: bool = False,
 ) -> HFTokenizer:
     """Train a byte-level BPE on local text files.
 
@@ -196,9 +198,3 @@ def tokenizer_from_manifest(info: dict, base: Path) -> ByteTokenizer | HFTokeniz
     if info.get("kind") == "byte":
         return ByteTokenizer()
     return load_tokenizer(base / info.get("file", "tokenizer.json"))
-
-
-def tokenizer_json_sha(path: Path) -> str:
-    """sha256 of a tokenizer.json's canonical JSON (stable across whitespace changes)."""
-    data = json.loads(path.read_text())
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

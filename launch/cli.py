@@ -52,12 +52,9 @@ def run_params(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.train_loop import train
+    from launch.train import train_main
 
-    cfg = load_config(args.config, args.overrides)
-    train(cfg)
-    return 0
+    return train_main(args.config, args.overrides)
 
 
 def run_prepare(args: argparse.Namespace) -> int:

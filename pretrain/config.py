@@ -17,11 +17,30 @@ from typing import Any
 import yaml
 
 from pretrain.config_errors import ConfigError
+from pretrain.curriculum import CurriculumConfig, StageConfig
+from data_pipeline.config import SourceConfig
+from data_pipeline.errors import DataConfigError
+from pretrain.data_config import DataConfig
 from pretrain.models.config import ModelConfig, model_config_problems
+from pretrain.train_config import (
+    CheckpointConfig,
+    ParallelConfig,
+    RunSection,
+    TrackingConfig,
+    TrainConfig,
+)
 
 __all__ = [
+    "CheckpointConfig",
     "ConfigError",
+    "CurriculumConfig",
     "DataConfig",
+    "ParallelConfig",
+    "RunSection",
+    "SourceConfig",
+    "StageConfig",
+    "TrackingConfig",
+    "KernelsConfig",
     "RunConfig",
     "TrainConfig",
     "config_to_dict",
@@ -32,58 +51,28 @@ __all__ = [
 ]
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation and loop settings."""
-
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256  # tokens per sequence
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
-    pkm_value_lr: float | None = None  # LR of PKM value tables (None: same as lr); never decayed
-    seed: int = 0
-    log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr: must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("train.min_lr_ratio: must be in [0, 1]")
-        if self.pkm_value_lr is not None and self.pkm_value_lr <= 0:
-            raise ConfigError("train.pkm_value_lr: must be > 0 (or null for train.lr)")
-        if self.warmup_steps < 0:
-            raise ConfigError("train.warmup_steps: must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError("train.betas: must be two numbers in [0, 1)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError("train.device: must be one of ['auto', 'cpu', 'cuda']")
+KERNEL_BACKENDS = {
+    "ssd": ("auto", "torch", "triton", "mamba_ssm"),
+    "pkm": ("auto", "torch", "triton"),
+    "moe": ("auto", "torch", "grouped_mm", "megablocks"),
+    "attention": ("auto", "torch", "flex", "flash_attn"),
+}
 
 
 @dataclass
-class DataConfig:
-    """Where training tokens come from."""
+class KernelsConfig:
+    """Backend of each op; ``auto`` picks the fastest available one for the device (logged)."""
 
-    task: str = "chaining"  # built-in synthetic task
-    chain_hops: list[int] = field(default_factory=lambda: [2, 3])  # proof lengths (chaining)
-    n_symbols: int = 64  # distinct entity symbols (chaining)
+    ssd: str = "auto"  # torch | triton | mamba_ssm | auto
+    pkm: str = "auto"  # torch | triton | auto
+    moe: str = "auto"  # torch | grouped_mm | megablocks | auto
+    attention: str = "auto"  # torch | flex | flash_attn | auto
+    deterministic: bool = False  # fixed kernel configs, no autotuning
 
     def __post_init__(self) -> None:
-        if self.task != "chaining":
-            raise ConfigError("data.task: must be one of ['chaining']")
-        if not self.chain_hops or min(self.chain_hops) < 1:
-            raise ConfigError("data.chain_hops: needs at least one proof length >= 1")
-        if self.n_symbols < 4:
-            raise ConfigError("data.n_symbols: must be >= 4")
+        for op, choices in KERNEL_BACKENDS.items():
+            if getattr(self, op) not in choices:
+                raise ConfigError(f"kernels.{op}: must be one of {list(choices)}")
 
 
 @dataclass
@@ -93,6 +82,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunSection = field(default_factory=RunSection)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ---------------------------------------------------------------------------- dict -> dataclass
@@ -170,9 +165,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
-    except ConfigError as err:
-        # Component checks name their key relative to the component; keep them as they are.
-        raise ConfigError(str(err)) from None
+    except DataConfigError as err:  # the data pipeline's own checks: same error type for users
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -222,6 +216,18 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"train.seq_len: {cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
+    source_names = {s.label for s in cfg.data.sources}
+    for stage in cfg.curriculum.stages:
+        key = f"curriculum.stages[{stage.name}]"
+        if stage.seq_len and stage.seq_len > cfg.model.max_seq_len:
+            problems.append(f"{key}.seq_len: exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        unknown = sorted(set(stage.mixture) - source_names)
+        if unknown:
+            problems.append(f"{key}.mixture: unknown sources {unknown}; known: {sorted(source_names)}")
+        if stage.mixture and sum(stage.mixture.values()) <= 0:
+            problems.append(f"{key}.mixture: weights must not all be 0")
+    if cfg.parallel.backend == "deepspeed" and cfg.train.compile:
+        problems.append("train.compile: not supported with parallel.backend=deepspeed")
     return problems
 
 

@@ -65,6 +65,30 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(
+    step: int, total_steps: int, warmup_steps: int, min_ratio: float, decay_fraction: float
+) -> float:
+    """WSD multiplier: linear warmup, constant, then a linear decay over the last steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(round(decay_fraction * total_steps))
+    decay_start = total_steps - decay_steps
+    if decay_steps <= 0 or step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / decay_steps)
+    return 1.0 - (1.0 - min_ratio) * progress
+
+
+def lr_multiplier(step: int, train_cfg) -> float:
+    """The configured schedule's multiplier at optimizer step ``step`` (0-based)."""
+    if train_cfg.schedule == "wsd":
+        return warmup_stable_decay(
+            step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio,
+            train_cfg.wsd_decay_fraction,
+        )
+    return cosine_with_warmup(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) -> None:
     """Apply ``base_lr * multiplier`` to every group, times the group's own ``lr_scale``."""
     for group in optimizer.param_groups:

@@ -42,13 +42,13 @@ def resolve_device(name: str) -> torch.device:
 
 def synthetic_batches(cfg: RunConfig, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of ``train.batch_size`` packed rows of the configured synthetic task."""
+    source = cfg.data.sources[0]
     stream = build_synthetic_stream(
-        cfg.data.task,
+        source.task or "chaining",
         vocab_size=cfg.model.vocab_size,
         seq_len=cfg.train.seq_len,
         seed=cfg.train.seed,
-        hops=cfg.data.chain_hops,
-        n_symbols=cfg.data.n_symbols,
+        **source.task_args,
     )
     rows = iter(stream)
     while True:

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # document ids given to padding positions (real documents are numbered 0, 1, ...)
 _FRONT_PAD_DOC = -1
@@ -206,7 +207,73 @@ class _Part(NamedTuple):
 
     num: torch.Tensor  # [b, n, Hkv, g, W, K] sum_s exp(score - m) v_s
     den: torch.Tensor  # [b, n, Hkv, g, W, 1] sum_s exp(score - m)
-    m: torch.Tensor  # [b, n, Hkv, g, W, 1] row max (detached); -inf where the row sees nothing
+    m: torch.Tensor  # [b, n, Hkv, g, W, 1] row max (no gradient); -inf where the row sees nothing
+
+
+def _exp_scores(q_blk: torch.Tensor, k_blk: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(q k^T - m) masked [b, n, Hkv, g, W, L] and the row max m [.., W, 1] (-inf: empty row).
+
+    Runs without autograd, so the one [.., W, L] tensor is updated in place.
+    """
+    scores = torch.einsum("bnwhgk,bnlhk->bnhgwl", q_blk, k_blk)
+    scores.masked_fill_(~mask[:, :, None, None], float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    p = scores.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
+    return p, m
+
+
+# Scores are materialised for groups of query blocks of at most this many elements, so the
+# transient memory of one call is bounded (16 MiB in fp32) whatever T is.
+_SCORE_ELEMS_PER_GROUP = 1 << 22
+
+
+def _block_groups(q_blk: torch.Tensor, n_keys: int) -> list[slice]:
+    """Slices of the block dim (1) whose scores [b, n', Hkv, g, W, L] fit the group budget."""
+    b, n, w, hkv, g, _ = q_blk.shape
+    per_block = b * w * hkv * g * n_keys
+    step = max(1, _SCORE_ELEMS_PER_GROUP // max(per_block, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Unnormalised masked attention of query blocks over their key sets (flash-attention style).
+
+    The [.., W, L] probabilities dominate memory: they are built a group of blocks at a time and
+    recomputed in the backward instead of being saved, so the forward keeps only q, k, v and the
+    boolean mask alive, and transient memory stays under a fixed budget.
+    """
+
+    @staticmethod
+    def forward(ctx, q_blk, k_blk, v_blk, mask):  # noqa: ANN001, ANN205 (autograd.Function API)
+        b, n, w, hkv, g, _ = q_blk.shape
+        num = q_blk.new_empty(b, n, hkv, g, w, v_blk.shape[-1])
+        den = q_blk.new_empty(b, n, hkv, g, w, 1)
+        m = q_blk.new_empty(b, n, hkv, g, w, 1)
+        for sl in _block_groups(q_blk, k_blk.shape[2]):
+            p, m[:, sl] = _exp_scores(q_blk[:, sl], k_blk[:, sl], mask[:, sl])
+            num[:, sl] = torch.einsum("bnhgwl,bnlhk->bnhgwk", p, v_blk[:, sl])
+            den[:, sl] = p.sum(dim=-1, keepdim=True)
+            del p  # before the next group allocates its scores
+        ctx.save_for_backward(q_blk, k_blk, v_blk, mask)
+        ctx.mark_non_differentiable(m)
+        return num, den, m
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_num, g_den, _g_m):  # noqa: ANN001, ANN205
+        q_blk, k_blk, v_blk, mask = ctx.saved_tensors
+        g_q, g_k, g_v = torch.empty_like(q_blk), torch.empty_like(k_blk), torch.empty_like(v_blk)
+        for sl in _block_groups(q_blk, k_blk.shape[2]):
+            q, k, v, gn = q_blk[:, sl], k_blk[:, sl], v_blk[:, sl], g_num[:, sl]
+            p, _ = _exp_scores(q, k, mask[:, sl])
+            g_v[:, sl] = torch.einsum("bnhgwl,bnhgwk->bnlhk", p, gn)
+            # d(score) = p * (dnum . v + dden); masked entries have p = 0 and get no gradient
+            g_s = torch.einsum("bnhgwk,bnlhk->bnhgwl", gn, v).add_(g_den[:, sl]).mul_(p)
+            del p
+            g_q[:, sl] = torch.einsum("bnhgwl,bnlhk->bnwhgk", g_s, k)
+            g_k[:, sl] = torch.einsum("bnhgwl,bnwhgk->bnlhk", g_s, q)
+            del g_s
+        return g_q, g_k, g_v, None
 
 
 def _attend_part(q_blk: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor, mask: torch.Tensor) -> _Part:
@@ -217,15 +284,7 @@ def _attend_part(q_blk: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor, 
         k_blk, v_blk: [b, n, L, Hkv, K].
         mask: [b, n, W, L] bool, True = visible.
     """
-    # The [.., W, L] score tensor dominates memory, so it is updated in place: the einsum's backward
-    # needs only q and k, masked_fill_ and sub_ need nothing, and exp_ saves its own output.
-    scores = torch.einsum("bnwhgk,bnlhk->bnhgwl", q_blk, k_blk)
-    scores.masked_fill_(~mask[:, :, None, None], float("-inf"))
-    with torch.no_grad():  # the max only shifts the exponent and cancels in num / den
-        m = scores.amax(dim=-1, keepdim=True)
-    p = scores.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
-    num = torch.einsum("bnhgwl,bnlhk->bnhgwk", p, v_blk)
-    return _Part(num, p.sum(dim=-1, keepdim=True), m)
+    return _Part(*_BlockAttention.apply(q_blk, k_blk, v_blk, mask))
 
 
 def _merge_parts(a: _Part, b: _Part | None) -> torch.Tensor:

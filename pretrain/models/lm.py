@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.config import ModelConfig, validate_model_config
@@ -42,6 +43,8 @@ class CausalLM(nn.Module):
         self.output = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
+        # Set from outside (parallel.apply): recompute each block in backward.
+        self.activation_checkpointing = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -71,7 +74,10 @@ class CausalLM(nn.Module):
         h = self.tok_embeddings(input_ids)
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
-            h, block_aux = block(h, seq_idx=seq_idx)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h, block_aux = checkpoint(block, h, seq_idx, use_reentrant=False)
+            else:
+                h, block_aux = block(h, seq_idx=seq_idx)
             aux_loss = aux_loss + block_aux
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight

@@ -86,6 +86,8 @@ class GatedPathBlock(nn.Module):
         self.gate_init = gate_init
         # Run-time switches (curriculum). Not parameters, not saved: the stage decides them.
         self.active = {name: True for name in paths}
+        # Output scale of each path, ramped 0 -> 1 by the curriculum when a path is switched on.
+        self.ramp = {name: 1.0 for name in paths}
 
     def init_weights(self, init_std: float = 0.02) -> None:
         for name, module in self.paths.items():
@@ -104,6 +106,8 @@ class GatedPathBlock(nn.Module):
             out, aux = out
         if name in self.gates:
             out = self.gates[name].to(out.dtype) * out
+        if self.ramp[name] != 1.0:
+            out = self.ramp[name] * out
         return out, aux
 
     def forward(

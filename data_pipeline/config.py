@@ -1,0 +1,74 @@
+"""Typed settings of the streaming reader. Invalid values raise ``DataConfigError`` naming the
+field (the trainer maps it onto its own config error)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline.errors import DataConfigError
+
+ON_CORRUPT = ("error", "skip")
+
+
+@dataclass
+class SourceConfig:
+    """One source of the reader: a prepared dataset split or a synthetic task."""
+
+    path: str | None = None  # prepared dataset directory (holds manifest.json)
+    split: str = "train"  # split of ``path`` to read
+    task: str | None = None  # or: a synthetic task name (data_pipeline.synthetic.TASKS)
+    task_args: dict[str, Any] = field(default_factory=dict)  # that task's settings
+    weight: float = 1.0  # relative share of samples in a mixture
+    seed: int | None = None  # this source's seed; None: the reader seed + the source's index
+    name: str | None = None  # label used in logs and metrics (default: path/split or task)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.task is None):
+            raise DataConfigError("data source: give exactly one of 'path' and 'task'")
+        if self.weight < 0:
+            raise DataConfigError(f"data source {self.label}: weight must be >= 0")
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.path}:{self.split}" if self.path else str(self.task))
+
+
+@dataclass
+class ReaderConfig:
+    """Streaming reader settings (per data-parallel rank)."""
+
+    sources: list[SourceConfig]  # one source, or a weighted mixture
+    batch_size: int = 8  # sequences per batch on each data-parallel rank
+    seq_len: int = 2048  # must equal the seq_len the shards were prepared with
+    seed: int = 0  # order of shards and samples per epoch, mixture choices
+    shuffle_shards: bool = True  # shuffle the shard order each epoch
+    shuffle_buffer: int = 1024  # samples shuffled together (bounded-buffer shuffle; 1: none)
+    epochs: int | None = None  # single shard source: stop after this many; None: forever
+    num_workers: int = 0  # DataLoader worker processes
+    prefetch_factor: int = 2  # batches prefetched per worker
+    on_corrupt: str = "error"  # corrupt or truncated shard: "error" (names it) or "skip"
+    verify_sha256: bool = True  # check each shard's sha256 on first open (reads it fully)
+    mask_cross_document_labels: bool = False  # no label that predicts another document's token
+    vocab_size: int | None = None  # for synthetic sources (default: the dataset's vocab size)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise DataConfigError("data.sources: needs at least one source")
+        for name in ("batch_size", "seq_len", "shuffle_buffer", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise DataConfigError(f"data.{name}: must be >= 1")
+        if self.num_workers < 0:
+            raise DataConfigError("data.num_workers: must be >= 0")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise DataConfigError(f"data.on_corrupt: must be one of {list(ON_CORRUPT)}")
+        if self.epochs is not None:
+            if self.epochs < 1:
+                raise DataConfigError("data.epochs: must be >= 1 (or null for no limit)")
+            if len(self.sources) != 1 or self.sources[0].path is None:
+                raise DataConfigError(
+                    "data.epochs: applies to a single dataset source; mixtures and synthetic"
+                    " tasks are infinite"
+                )
+        if sum(s.weight for s in self.sources) <= 0:
+            raise DataConfigError("data.sources: weights must have a positive sum")

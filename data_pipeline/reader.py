@@ -1,0 +1,277 @@
+"""The streaming reader: deterministic, exactly resumable batches for one data-parallel rank.
+
+The sample order is global: a sequence ``X[g]``, g = 0, 1, ..., fixed by the sources and the
+seed (``sources.py``). Data-parallel rank r of W takes ``g = base + j * W + r`` for its local
+samples j = 0, 1, ...; batch q is local samples ``[q*B, (q+1)*B)``. DataLoader worker k of K
+builds batches q with ``q % K == k``; the DataLoader's in-order round-robin fetch hands them back
+as q = 0, 1, 2, ..., so the batches are the same for any worker count.
+
+The position is then one number, the global samples consumed, ``base + batches * B * W``. It is
+the same on every rank (ranks step in lock-step), so a state saved by any rank resumes every
+rank, with any worker count, on any world size or batch size: the new layout starts at that
+global index (``base``) and deals the rest out again. Samples that the old ranks had prefetched
+but not consumed are not lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.batching import PACKED_KEY, unpack_batch, windows_to_rows
+from data_pipeline.config import ReaderConfig, SourceConfig
+from data_pipeline.errors import DataConfigError, DataExhausted
+from data_pipeline.shards import Manifest
+from data_pipeline.sources import Mixture, ShardSource, SyntheticSource
+from data_pipeline.tokens import PAD_ID
+
+STATE_VERSION = 1
+_SKIP_KEY = "_skipped"  # per-batch count of replaced corrupt samples, removed by the loader
+
+
+def _build_source(cfg: ReaderConfig, src: SourceConfig, index: int, vocab: int | None):
+    seed = src.seed if src.seed is not None else cfg.seed + index
+    if src.path is not None:
+        return ShardSource(
+            src.path,
+            src.split,
+            seed=seed,
+            seq_len=cfg.seq_len,
+            shuffle_shards=cfg.shuffle_shards,
+            shuffle_buffer=cfg.shuffle_buffer,
+            on_corrupt=cfg.on_corrupt,
+            verify_sha256=cfg.verify_sha256,
+        )
+    from data_pipeline.synthetic import build_task
+
+    if vocab is None:
+        raise DataConfigError(f"data source {src.label}: set data.vocab_size for synthetic tasks")
+    return SyntheticSource(build_task(src.task, vocab, **src.task_args), cfg.seq_len, seed)
+
+
+def _check_manifests(manifests: list[Manifest], vocab_size: int | None) -> tuple[int, int]:
+    """Shard sources must share one tokenizer; returns (pad id, vocab size to use)."""
+    ids = {(m.vocab_size, m.eos_id, m.pad_id, m.tokenizer.get("sha256")) for m in manifests}
+    if len(ids) > 1:
+        raise DataConfigError(
+            "data sources were prepared with different tokenizers (vocab, eos, pad, sha256):"
+            f" {sorted(ids, key=str)}"
+        )
+    m = manifests[0]
+    if vocab_size is not None and vocab_size < m.vocab_size:
+        raise DataConfigError(
+            f"data.vocab_size={vocab_size} is smaller than the dataset's vocabulary ({m.vocab_size})"
+        )
+    return m.pad_id, vocab_size or m.vocab_size
+
+
+class BatchStream(IterableDataset):
+    """Batches ``start_batch, start_batch + 1, ...`` of one rank (dealt over DataLoader workers).
+
+    Sources are built lazily in the process that reads (each worker opens its own files).
+    """
+
+    def __init__(self, cfg: ReaderConfig, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.base = 0  # global samples consumed before this layout
+        self.start_batch = 0
+        self._sources: list | None = None
+        self.vocab_size = cfg.vocab_size
+        self.pad_id = PAD_ID
+        manifests = [Manifest.load(s.path) for s in cfg.sources if s.path is not None]
+        if manifests:
+            self.pad_id, self.vocab_size = _check_manifests(manifests, cfg.vocab_size)
+        self.total = self._total_samples()
+
+    def __getstate__(self) -> dict:
+        # Open file descriptors do not survive pickling (spawned workers): rebuild there.
+        state = self.__dict__.copy()
+        state["_sources"] = None
+        return state
+
+    def sources(self) -> list:
+        if self._sources is None:
+            self._sources = [
+                _build_source(self.cfg, s, i, self.vocab_size)
+                for i, s in enumerate(self.cfg.sources)
+            ]
+            self._mixture = Mixture([s.weight for s in self.cfg.sources], self.cfg.seed)
+        return self._sources
+
+    def _total_samples(self) -> int | None:
+        if self.cfg.epochs is None:
+            return None
+        src = self.cfg.sources[0]
+        per_epoch = sum(s.samples for s in Manifest.load(src.path).splits[src.split])
+        return per_epoch * self.cfg.epochs
+
+    def samples_per_epoch(self) -> int | None:
+        """Samples in one epoch of a single shard source (None for mixtures and synthetic)."""
+        sources = self.sources()
+        if len(sources) == 1 and isinstance(sources[0], ShardSource):
+            return sources[0].n_per_epoch
+        return None
+
+    def batches_available(self) -> int | None:
+        """Batches this rank can still take from ``base`` (None: unlimited); equal on all ranks."""
+        if self.total is None:
+            return None
+        return max(self.total - self.base, 0) // self.world_size // self.cfg.batch_size
+
+    def fingerprint(self) -> str:
+        """Hash of everything that fixes the global order."""
+        parts = [s.fingerprint() for s in self.sources()]
+        parts.append([s.weight for s in self.cfg.sources])
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def batch(self, q: int) -> dict[str, torch.Tensor]:
+        """Batch ``q`` of this rank, packed (pure function of the files, config and ``base``)."""
+        sources = self.sources()
+        B, W, T = self.cfg.batch_size, self.world_size, self.cfg.seq_len
+        skipped_before = sum(s.skipped for s in sources)
+        windows, at, rows, which = [], [], {}, []
+        for i, j in enumerate(range(q * B, (q + 1) * B)):
+            g = self.base + j * W + self.rank
+            s, n = (0, g) if len(sources) == 1 else self._mixture.choose(g)
+            which.append(s)
+            if isinstance(sources[s], SyntheticSource):
+                rows[i] = sources[s].sample(n)
+            else:
+                windows.append(sources[s].sample(n))
+                at.append(i)
+        packed = np.empty((3, B, T), dtype=np.int32)
+        if windows:
+            packed[:, at] = windows_to_rows(
+                windows, T, self.pad_id, self.cfg.mask_cross_document_labels
+            )
+        out: dict[str, torch.Tensor] = {}
+        if any(isinstance(s, SyntheticSource) for s in sources):
+            answer = np.zeros((B, T), dtype=bool)
+            for i, (ids, labels, seq_idx, mask) in rows.items():
+                packed[:, i] = (ids, labels, seq_idx)
+                answer[i] = mask
+            out["answer_mask"] = torch.from_numpy(answer)
+        out[PACKED_KEY] = torch.from_numpy(packed)
+        if len(sources) > 1:
+            out["source"] = torch.tensor(which, dtype=torch.int64)
+        out[_SKIP_KEY] = torch.tensor(sum(s.skipped for s in sources) - skipped_before)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        k, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        end = self.batches_available()
+        q = self.start_batch + k
+        while end is None or q < end:
+            yield self.batch(q)
+            q += n_workers
+
+
+class StreamingReader:
+    """Iterable of batches for one data-parallel rank, with exact ``state_dict`` resume.
+
+    Each batch is a dict of [B, T] tensors: ``input_ids``, ``labels`` (-100 = ignore),
+    ``seq_idx``; plus ``answer_mask`` (bool) when a synthetic source is present and ``source``
+    [B] (index into ``cfg.sources``) for a mixture. After the last batch of a finite reader the
+    next request raises ``DataExhausted``.
+    """
+
+    def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise DataConfigError(f"data-parallel rank={rank} not in [0, world_size={world_size})")
+        self.cfg = cfg
+        self.stream = BatchStream(cfg, rank, world_size)
+        self.batches = 0  # batches handed out since ``stream.base``
+        self.skipped = 0  # corrupt samples replaced (on_corrupt="skip")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.stream.start_batch = self.batches
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            persistent_workers=False,
+        )
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                skipped = int(batch.pop(_SKIP_KEY))
+                if skipped:
+                    self.skipped += skipped
+                    warnings.warn(
+                        f"data: replaced {skipped} corrupt samples (total {self.skipped})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                self.batches += 1
+                yield unpack_batch(batch)
+        except Exception as err:
+            # A worker's error comes with DataLoader frames in a reference cycle that keeps the
+            # workers alive until a garbage collection, which then waits seconds to join them.
+            traceback.clear_frames(err.__traceback__)
+            raise
+        finally:
+            del batches
+        raise DataExhausted(
+            f"data exhausted after {self.cfg.epochs} epochs ({self.batches} batches since resume)"
+        )
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global samples consumed by all ranks together (the resume position)."""
+        return self.stream.base + self.batches * self.cfg.batch_size * self.stream.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position; identical on every rank in lock-step training."""
+        state = {
+            "version": STATE_VERSION,
+            "fingerprint": self.stream.fingerprint(),
+            "consumed_samples": self.consumed_samples,
+            "world_size": self.stream.world_size,
+            "batch_size": self.cfg.batch_size,
+            "skipped": self.skipped,
+        }
+        per_epoch = self.stream.samples_per_epoch()
+        if per_epoch:  # for people reading checkpoints; resuming uses consumed_samples only
+            state["epoch"], state["sample_in_epoch"] = divmod(self.consumed_samples, per_epoch)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state``'s position, on this reader's (possibly other) world size.
+
+        Raises:
+            DataConfigError: the state belongs to other data (sources, seed or shuffle changed).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(f"reader state version {state.get('version')} not supported")
+        if state["fingerprint"] != self.stream.fingerprint():
+            raise DataConfigError(
+                "reader state was saved for other data (sources, seeds or shuffle settings"
+                " differ); refusing to resume at a position that would mean something else"
+            )
+        self.stream.base = int(state["consumed_samples"])
+        self.batches = 0
+        self.skipped = int(state.get("skipped", 0))
+
+    def __len__(self) -> int:
+        """Batches left on this rank (finite readers only)."""
+        left = self.stream.batches_available()
+        if left is None:
+            raise TypeError("an infinite reader has no length")
+        return left - self.batches
+
+
+def build_reader(cfg: ReaderConfig, rank: int = 0, world_size: int = 1) -> StreamingReader:
+    """The reader of data-parallel ``rank`` of ``world_size`` (pass the data-parallel rank and
+    size, not the global ones: with expert or context parallelism they differ)."""
+    return StreamingReader(cfg, rank, world_size)

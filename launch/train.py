@@ -1,0 +1,52 @@
+"""Training entry point for every launcher.
+
+    hydra-pretrain train --config configs/hydra-tiny.yaml                 # one process
+    torchrun --nproc_per_node 2 -m launch.train --config ... parallel.backend=fsdp2
+    deepspeed --num_gpus 2 launch/train.py --config ... parallel.backend=deepspeed
+
+Rank, world size and local rank come from the standard environment variables. Training into an
+existing run directory continues from its latest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pretrain.config_errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.train", description="train a model")
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    return parser
+
+
+def train_main(config: str, overrides: list[str]) -> int:
+    """Load the config, train, return the exit code (2 for a config error)."""
+    from pretrain.build import run_training
+    from pretrain.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    run_training(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launch.package_check import check_own_packages
+
+    check_own_packages()
+    args = build_parser().parse_args(argv)
+    return train_main(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

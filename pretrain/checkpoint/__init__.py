@@ -1,0 +1,17 @@
+"""Fault-tolerant checkpoints (DCP, temp-dir + rename, ``latest`` last, verified at load) and
+export of a trained model to one safetensors file. See docs/checkpoints.md."""
+
+from pretrain.checkpoint.export import export_safetensors, load_safetensors_export
+from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, CheckpointWarning
+from pretrain.checkpoint.state import ModelOptimizerState, capture_rng_state, restore_rng_state
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointWarning",
+    "ModelOptimizerState",
+    "capture_rng_state",
+    "export_safetensors",
+    "load_safetensors_export",
+    "restore_rng_state",
+]

@@ -1,0 +1,50 @@
+"""Model-side metrics logged with each step: expert load, PKM key usage, path gates, memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from torch import nn
+
+from pretrain.models.common.moe import ChunkMoE
+from pretrain.models.common.pkm import ProductKeyMemory
+
+
+def moe_layers(model: nn.Module) -> dict[str, ChunkMoE]:
+    """MoE modules by their block index (``"3"`` for block 3)."""
+    return {
+        name.split(".")[1]: m for name, m in model.named_modules() if isinstance(m, ChunkMoE)
+    }
+
+
+def component_metrics(model: nn.Module) -> dict[str, float]:
+    """Per-expert load (fraction of tokens, per MoE layer), PKM usage and gate values.
+
+    Call before the MoE routing-bias update (which resets the load counters).
+    """
+    out: dict[str, float] = {}
+    for layer, moe in moe_layers(model).items():
+        load = moe.expert_load()
+        if load.sum() > 0:
+            for e, frac in enumerate(load.tolist()):
+                out[f"moe/L{layer}/expert{e}"] = frac
+            out[f"moe/L{layer}/max_over_mean"] = float(load.max() / load.mean())
+    for name, m in model.named_modules():
+        if isinstance(m, ProductKeyMemory):
+            out[f"pkm/L{name.split('.')[1]}/key_usage"] = float(m.key_usage())
+            m.reset_usage()
+    for bname, block in model.blocks.items():
+        for path, gate in block.gates.items():
+            value = gate.full_tensor() if hasattr(gate, "full_tensor") else gate
+            out[f"gate/L{bname}/{path}"] = float(value.detach().float())
+    return out
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated memory: CUDA allocator on GPU, the process max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20

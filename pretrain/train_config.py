@@ -1,0 +1,121 @@
+"""Typed sections of a run config that belong to training: loop, checkpoints, parallelism, tracking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pretrain.config_errors import ConfigError
+
+SCHEDULES = ("cosine", "wsd")
+DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings."""
+
+    steps: int = 100  # total optimizer steps (the last curriculum stage runs until here)
+    batch_size: int = 8  # sequences per micro-batch, per data-parallel rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # tokens per sequence (a curriculum stage may override it)
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
+    pkm_value_lr: float | None = None  # LR of PKM value tables (None: same as lr); never decayed
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # steps between evaluations on held-out data (0: never)
+    eval_batches: int = 4  # batches per evaluation
+    device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    max_nonfinite: int = 3  # consecutive non-finite losses before rolling back to a checkpoint
+    peak_tflops: float | None = None  # device peak for MFU (None: known GPUs by name, else no MFU)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.schedule in SCHEDULES, "train.schedule", f"must be one of {list(SCHEDULES)}")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(0 <= self.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(
+            self.pkm_value_lr is None or self.pkm_value_lr > 0,
+            "train.pkm_value_lr",
+            "must be > 0 (or null for train.lr)",
+        )
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _require(self.device in DEVICES, "train.device", f"must be one of {list(DEVICES)}")
+        _require(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written (always also at stage changes, SIGTERM and the end)."""
+
+    every: int = 0  # steps between checkpoints (0: only at stage changes, signals and the end)
+    keep_last: int = 3  # keep this many most recent checkpoints
+    keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
+    async_save: bool = False  # stage tensors to CPU and write in the background
+    resume: bool = True  # continue from the latest valid checkpoint in the run directory
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _require(
+            self.keep_every is None or self.keep_every >= 1, "checkpoint.keep_every", "must be >= 1"
+        )
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel backend (FSDP2 or DeepSpeed ZeRO), chosen per run."""
+
+    backend: str = "none"  # none | ddp | fsdp2 | deepspeed
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage and options
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 style)
+    mixed_precision: bool = True  # bf16 params/compute with fp32 reduce, on CUDA only
+    timeout_s: int = 600  # a collective that hangs longer fails, naming rank and operation
+
+    def __post_init__(self) -> None:
+        _require(
+            self.backend in PARALLEL_BACKENDS,
+            "parallel.backend",
+            f"must be one of {list(PARALLEL_BACKENDS)}",
+        )
+        _require(self.timeout_s >= 1, "parallel.timeout_s", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only; never blocks training)."""
+
+    enabled: bool = True
+    experiment: str = "hydra-pretrain"
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
+    system_metrics: bool = True
+
+
+@dataclass
+class RunSection:
+    """Where a run lives."""
+
+    dir: str = "runs/default"  # checkpoints, MLflow store, config and plots
+    name: str | None = None  # MLflow run name (None: the directory name)

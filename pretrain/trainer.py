@@ -1,0 +1,349 @@
+"""The trainer: one loop for every model family and parallel backend.
+
+A step reads top to bottom: stage -> batches -> forward/backward with accumulation -> clip ->
+optimizer step -> routing-bias update -> log -> checkpoint -> eval -> stop check. Everything
+resumable (model, optimizer, data position, RNG, step, stage, MLflow run id) goes into one
+checkpoint, so an interrupted and resumed run produces the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.reader import StreamingReader, build_reader
+from parallel.dist import DistInfo, all_reduce_max, all_reduce_mean
+from pretrain.checkpoint import capture_rng_state, restore_rng_state
+from pretrain.config import RunConfig, config_to_dict
+from pretrain.curriculum import Stage, apply_stage
+from pretrain.data_config import reader_config
+from pretrain.evaluate import evaluate
+from pretrain.flops import count_flops, device_peak_flops
+from pretrain.loss import IGNORE_INDEX
+from pretrain.metrics import component_metrics, moe_layers, peak_memory_gib
+from pretrain.models.lm import CausalLM
+from pretrain.optim import lr_multiplier
+from pretrain.stop_signal import StopSignal
+
+logger = logging.getLogger("pretrain")
+
+EVAL_SEED_OFFSET = 1_000_003  # synthetic held-out data: a seed no training stage uses
+STAGE_SEED_STRIDE = 1_000  # each stage reads its own sample order
+
+
+class RollbackImpossible(RuntimeError):
+    """Repeated non-finite losses and no checkpoint to roll back to."""
+
+
+@dataclass
+class TrainState:
+    """Counters that live in the checkpoint next to the model and optimizer."""
+
+    step: int = 0  # optimizer steps done
+    stage: int = 0  # index of the curriculum stage of the next step
+    tokens: int = 0  # tokens trained on, all ranks together
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class Trainer:
+    """Holds what the loop needs; built by ``build_trainer``."""
+
+    cfg: RunConfig
+    info: DistInfo
+    model: CausalLM
+    engine: Any  # parallel.engine.TorchEngine or parallel.deepspeed.DeepSpeedEngine
+    stages: list[Stage]
+    checkpoints: Any  # save(step, extra) / load_latest() -> extra | None / wait()
+    tracker_factory: Callable[[str | None], Any]  # MLflow run id to continue -> tracker
+    run_dir: Path
+    log: Callable[[str], None] = print
+    tracker: Any = None
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict[str, float]] = field(default_factory=list)
+    reader: StreamingReader | None = None
+    reader_stage: int = -1
+    batches: Iterator[dict[str, torch.Tensor]] | None = None
+    stop: StopSignal = field(default_factory=StopSignal)
+    _flops_per_token: dict[int, float] = field(default_factory=dict)  # per stage (its seq_len)
+
+    # ------------------------------------------------------------------ data
+
+    def _open_stage_data(self, stage: Stage, state: dict | None = None) -> None:
+        tc = self.cfg.train
+        rcfg = reader_config(
+            self.cfg.data,
+            batch_size=tc.batch_size,
+            seq_len=stage.seq_len,
+            seed=tc.seed + STAGE_SEED_STRIDE * stage.index,
+            vocab_size=self.cfg.model.vocab_size,
+            mixture=stage.cfg.mixture or None,
+        )
+        self.reader = build_reader(rcfg, self.info.dp_rank, self.info.dp_world)
+        if state is not None:
+            self.reader.load_state_dict(state)
+        self.reader_stage = stage.index
+        self.batches = iter(self.reader)
+
+    def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        tc = self.cfg.train
+        rcfg = reader_config(
+            self.cfg.data,
+            batch_size=tc.batch_size,
+            seq_len=tc.seq_len,
+            seed=tc.seed + EVAL_SEED_OFFSET,
+            vocab_size=self.cfg.model.vocab_size,
+            split=self.cfg.data.eval_split,
+        )
+        reader = build_reader(rcfg, self.info.dp_rank, self.info.dp_world)
+        for i, batch in enumerate(reader):
+            if i >= tc.eval_batches:
+                break
+            yield batch
+
+    # ------------------------------------------------------------------ the step
+
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        device = self.info.device
+        return [
+            {k: v.to(device, non_blocking=True) for k, v in next(self.batches).items()}
+            for _ in range(self.cfg.train.grad_accum)
+        ]
+
+    def _global_count(self, value: float) -> float:
+        if not self.info.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _autocast(self) -> torch.autocast:
+        # bf16 on GPU; fp32 on CPU (exact comparisons in tests, and CPU bf16 matmuls are slow).
+        on_gpu = self.info.device.type == "cuda"
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=on_gpu)
+
+    def _forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        """Sum-of-token losses normalised by the global token count of the whole step, so that any
+        split over ranks and micro-batches gives the gradient of the same global mean."""
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        global_tokens = max(self._global_count(local_tokens), 1.0)
+        scale = self.info.dp_world / global_tokens  # DDP/FSDP average over ranks
+        loss_sum, aux_sum = 0.0, 0.0
+        for i, batch in enumerate(micro):
+            with self.engine.accumulate(is_last=i == len(micro) - 1):
+                with self._autocast():
+                    out = self.engine.module(batch["input_ids"], seq_idx=batch["seq_idx"])
+                token_loss = torch.nn.functional.cross_entropy(
+                    out.logits.float().flatten(0, 1),
+                    batch["labels"].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                aux = out.aux_loss / len(micro)
+                self.engine.backward(token_loss * scale + aux)
+            loss_sum += token_loss.item()
+            aux_sum += aux.item()
+        loss = self._global_count(loss_sum) / global_tokens
+        return loss, aux_sum, local_tokens
+
+    def _update_routing_biases(self) -> None:
+        """Once per optimizer step: all ranks agree on the load, then each MoE moves its bias."""
+        for moe in moe_layers(self.model).values():
+            if self.info.distributed:
+                dist.all_reduce(moe.tokens_per_expert)
+            moe.update_routing_bias()
+
+    def train_step(self, stage: Stage) -> dict[str, float]:
+        t0 = time.perf_counter()
+        tc = self.cfg.train
+        lr = tc.lr * lr_multiplier(self.state.step, tc) * stage.cfg.lr_factor
+        for group in self.engine.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        micro = self._micro_batches()
+        loss, aux, _ = self._forward_backward(micro)
+        finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, self.info) == 0.0
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = self.engine.clip_grad_norm(tc.grad_clip)
+            finite = math.isfinite(grad_norm)
+        component = component_metrics(self.model) if self._is_log_step() else {}
+        if finite:
+            self.engine.step()
+            self.state.nonfinite_streak = 0
+        else:
+            self.engine.skip_step()
+            self.state.nonfinite_streak += 1
+            self.state.skipped_steps += 1
+        self._update_routing_biases()
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.dp_world
+        self.state.step += 1
+        self.state.tokens += tokens
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "loss": loss,
+            "aux_loss": aux,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+            "stage": float(stage.index),
+            "tokens": float(self.state.tokens),
+            "skipped": 0.0 if finite else 1.0,
+            **component,
+        }
+        metrics.update(self._throughput_metrics(stage, tokens / elapsed))
+        return metrics
+
+    def _throughput_metrics(self, stage: Stage, tokens_per_s: float) -> dict[str, float]:
+        flops_per_token = self._flops_per_token.get(stage.index)
+        if flops_per_token is None:
+            flops_per_token = count_flops(self.model, stage.seq_len).train_per_token
+            self._flops_per_token[stage.index] = flops_per_token
+        out = {"peak_memory_gib": peak_memory_gib(self.info.device)}
+        peak = self.cfg.train.peak_tflops
+        peak_flops = peak * 1e12 if peak else None
+        if peak_flops is None and self.info.device.type == "cuda":
+            peak_flops = device_peak_flops(torch.cuda.get_device_name(self.info.device))
+        out["tflops_per_device"] = flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        if peak_flops:
+            out["mfu"] = flops_per_token * tokens_per_s / (peak_flops * self.info.world_size)
+        return out
+
+    def _is_log_step(self) -> bool:
+        step = self.state.step + 1
+        return step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.steps)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "train_state": self.state.__dict__.copy(),
+            "data": self.reader.state_dict() if self.reader is not None else None,
+            "data_stage": self.reader_stage,
+            "rng": capture_rng_state(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.tracker is not None and self.tracker.run_id:
+            self.state.mlflow_run_id = self.tracker.run_id
+        self.checkpoints.save(self.state.step, self._extra_state())
+        self.log(f"checkpoint saved at step {self.state.step}")
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        extra = self.checkpoints.load_latest()
+        if extra is None:
+            return
+        self.state = TrainState(**extra["train_state"])
+        restore_rng_state(extra["rng"])
+        stage = self._stage_for(self.state.step)
+        if extra.get("data") is not None and extra.get("data_stage") == stage.index:
+            self._open_stage_data(stage, extra["data"])
+        self.log(f"resumed from step {self.state.step} (stage {stage.index}: {stage.cfg.name})")
+
+    def _rollback(self) -> None:
+        """Repeated non-finite losses: reload the last checkpoint's weights and optimizer, keep
+        the data moving forward (replaying the same batches would fail the same way)."""
+        reader_state = self.reader.state_dict() if self.reader is not None else None
+        extra = self.checkpoints.load_latest()
+        if extra is None:
+            raise RollbackImpossible(
+                f"{self.state.nonfinite_streak} non-finite losses in a row at step"
+                f" {self.state.step} and no checkpoint to roll back to"
+            )
+        kept = self.state
+        self.state = TrainState(**extra["train_state"])
+        self.state.skipped_steps = kept.skipped_steps
+        self.state.mlflow_run_id = kept.mlflow_run_id
+        self._open_stage_data(self._stage_for(self.state.step), reader_state)
+        self.log(f"rolled back to step {self.state.step} after repeated non-finite losses")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _stage_for(self, step: int) -> Stage:
+        return apply_stage(self.model, self.stages, min(step, self.cfg.train.steps - 1))
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        step = self.state.step
+        self.history.append({"step": step, **metrics})
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=step)
+        if step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.steps):
+            mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            self.log(
+                f"step {step:>6d} | stage {int(metrics['stage'])} | loss {metrics['loss']:.4f}"
+                f" | aux {metrics['aux_loss']:.4f} | grad_norm {metrics['grad_norm']:.3f}"
+                f" | lr {metrics['lr']:.2e} | tokens/s {metrics['tokens_per_s']:,.0f}{mfu}"
+            )
+
+    def _maybe_evaluate(self) -> None:
+        every = self.cfg.train.eval_every
+        if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.steps):
+            results = evaluate(self.engine.module, self._eval_batches(), self.info.device)
+            results = {k: all_reduce_mean(v, self.info) for k, v in results.items()}
+            self.history.append({"step": self.state.step, **results})
+            if self.tracker is not None:
+                self.tracker.log_metrics(results, step=self.state.step)
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "eval/tokens")
+            self.log(f"eval at step {self.state.step} | {shown}")
+
+    def run(self) -> list[dict[str, float]]:
+        """Train until train.steps (or a stop signal); returns the logged metrics."""
+        self.stop.install()
+        try:
+            self.maybe_resume()
+            self.tracker = self.tracker_factory(self.state.mlflow_run_id)
+            if self.state.step == 0:
+                self.tracker.log_params(config_to_dict(self.cfg))
+            total = self.cfg.train.steps
+            while self.state.step < total:
+                stage = self._stage_for(self.state.step)
+                if stage.index != self.reader_stage:
+                    self._enter_stage(stage)
+                metrics = self.train_step(stage)
+                self._log(metrics)
+                if self.state.nonfinite_streak >= self.cfg.train.max_nonfinite:
+                    self._rollback()
+                    continue
+                every = self.cfg.checkpoint.every
+                if every and self.state.step % every == 0 and self.state.step < total:
+                    self.save_checkpoint()
+                self._maybe_evaluate()
+                if self._stop_requested():
+                    self.log(f"stop requested ({self.stop.requested}): checkpointing and exiting")
+                    self.save_checkpoint()
+                    return self.history
+            self.save_checkpoint()
+            return self.history
+        finally:
+            self.stop.uninstall()
+            self.checkpoints.wait()
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _enter_stage(self, stage: Stage) -> None:
+        if self.reader_stage >= 0:  # a stage change, not the start of the run: checkpoint it
+            self.log(f"stage {stage.index} ({stage.cfg.name}) starts at step {self.state.step}")
+            self.save_checkpoint()
+        else:
+            self.log(f"stage {stage.index} ({stage.cfg.name}) from step {self.state.step}")
+        self.state.stage = stage.index
+        self._open_stage_data(stage)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"stage": float(stage.index)}, step=self.state.step)
+
+    def _stop_requested(self) -> bool:
+        return all_reduce_max(1.0 if self.stop.requested else 0.0, self.info) > 0
+
