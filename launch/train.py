@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pretrain.config_errors import ConfigError
 
@@ -23,6 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     return parser
+
+
+def make_tracker(cfg, info, run_dir: Path, run_id: str | None):
+    """MLflow tracker of a run (rank 0 only; a no-op tracker elsewhere or when disabled)."""
+    from launch.tracking import build_tracker
+
+    tc = cfg.tracking
+    return build_tracker(
+        enabled=tc.enabled,
+        run_dir=run_dir,
+        experiment=tc.experiment,
+        run_name=cfg.run.name or run_dir.name,
+        run_id=run_id,
+        tracking_uri=tc.uri,
+        is_main_process=info.is_main,
+        system_metrics=tc.system_metrics,
+    )
 
 
 def train_main(config: str, overrides: list[str]) -> int:
@@ -36,7 +54,7 @@ def train_main(config: str, overrides: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    run_training(cfg)
+    run_training(cfg, tracker_factory=make_tracker)
     return 0
 
 

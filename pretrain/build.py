@@ -106,28 +106,9 @@ def build_checkpoints(cfg: RunConfig, engine: Any, run_dir: Path) -> Any:
         keep_every=ck.keep_every,
         async_save=ck.async_save,
         process_group=torch.distributed.group.WORLD if engine.info.distributed else None,
+        timeout_s=cfg.parallel.timeout_s,
     )
     return EngineCheckpoints(manager, engine)
-
-
-def build_tracker_factory(cfg: RunConfig, info: DistInfo, run_dir: Path) -> Callable[[str | None], Any]:
-    from launch.tracking import build_tracker
-
-    tc = cfg.tracking
-
-    def make(run_id: str | None) -> Any:
-        return build_tracker(
-            enabled=tc.enabled,
-            run_dir=run_dir,
-            experiment=tc.experiment,
-            run_name=cfg.run.name or run_dir.name,
-            run_id=run_id,
-            tracking_uri=tc.uri,
-            is_main_process=info.is_main,
-            system_metrics=tc.system_metrics,
-        )
-
-    return make
 
 
 def write_resolved_config(cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
@@ -136,7 +117,18 @@ def write_resolved_config(cfg: RunConfig, run_dir: Path, info: DistInfo) -> None
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def build_trainer(cfg: RunConfig, info: DistInfo, log: Callable[[str], None] = print) -> Trainer:
+TrackerFactory = Callable[[RunConfig, DistInfo, Path, "str | None"], Any]
+
+
+def build_trainer(
+    cfg: RunConfig,
+    info: DistInfo,
+    tracker_factory: TrackerFactory | None = None,
+    log: Callable[[str], None] = print,
+) -> Trainer:
+    """Everything the loop needs. ``tracker_factory(cfg, info, run_dir, run_id)`` makes the
+    experiment tracker once the run id to continue (from a checkpoint) is known; ``None`` tracks
+    nothing."""
     run_dir = Path(cfg.run.dir)
     write_resolved_config(cfg, run_dir, info)
     stages = build_stages(cfg, info)
@@ -149,16 +141,20 @@ def build_trainer(cfg: RunConfig, info: DistInfo, log: Callable[[str], None] = p
         engine=engine,
         stages=stages,
         checkpoints=build_checkpoints(cfg, engine, run_dir),
-        tracker_factory=build_tracker_factory(cfg, info, run_dir),
+        tracker_factory=lambda run_id: (
+            tracker_factory(cfg, info, run_dir, run_id) if tracker_factory else None
+        ),
         run_dir=run_dir,
         log=log if info.is_main else (lambda message: None),
     )
 
 
-def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[str, float]]:
+def run_training(
+    cfg: RunConfig, tracker_factory: TrackerFactory | None = None, log: Callable[[str], None] = print
+) -> list[dict[str, float]]:
     """Initialise the process group from the launcher's environment, train, shut down."""
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
-        return build_trainer(cfg, info, log).run()
+        return build_trainer(cfg, info, tracker_factory, log).run()
     finally:
         shutdown(info)

@@ -8,6 +8,7 @@ checkpoint, so an interrupted and resumed run produces the same losses as an uni
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -37,6 +38,8 @@ logger = logging.getLogger("pretrain")
 
 EVAL_SEED_OFFSET = 1_000_003  # synthetic held-out data: a seed no training stage uses
 STAGE_SEED_STRIDE = 1_000  # each stage reads its own sample order
+RUN_ID_WAIT_S = 10.0  # at a checkpoint, how long to wait for a new MLflow run's id
+MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 2  # then non-finite losses are not transient: stop
 
 
 class RollbackImpossible(RuntimeError):
@@ -76,6 +79,9 @@ class Trainer:
     batches: Iterator[dict[str, torch.Tensor]] | None = None
     stop: StopSignal = field(default_factory=StopSignal)
     _flops_per_token: dict[int, float] = field(default_factory=dict)  # per stage (its seq_len)
+    _saved_step: int = -1
+    _run_id_waited: bool = False
+    _rollbacks_to: dict[int, int] = field(default_factory=dict)  # checkpoint step -> rollbacks
 
     # ------------------------------------------------------------------ data
 
@@ -234,9 +240,27 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
 
+    def _shared_run_id(self) -> str | None:
+        """Rank 0's MLflow run id, so every rank's checkpoint can continue the same run."""
+        run_id = self.state.mlflow_run_id
+        if self.tracker is not None:
+            # A new run is created in the background; give it a moment so the checkpoint can
+            # name it (a store that stays down leaves None: the resume then starts a new run).
+            wait_s = 0.0 if self._run_id_waited else RUN_ID_WAIT_S
+            self._run_id_waited = True  # wait once per process, not at every checkpoint
+            run_id = self.tracker.run_id or self.tracker.wait_for_run(wait_s)
+        if self.info.distributed:
+            box = [run_id]
+            dist.broadcast_object_list(box, src=0)
+            run_id = box[0]
+        return run_id or self.state.mlflow_run_id
+
     def save_checkpoint(self) -> None:
-        if self.tracker is not None and self.tracker.run_id:
-            self.state.mlflow_run_id = self.tracker.run_id
+        """Checkpoint the current step (once: a step that is already saved is not saved again)."""
+        if self._saved_step == self.state.step:
+            return
+        self._saved_step = self.state.step
+        self.state.mlflow_run_id = self._shared_run_id()
         self.checkpoints.save(self.state.step, self._extra_state())
         self.log(f"checkpoint saved at step {self.state.step}")
 
@@ -247,7 +271,9 @@ class Trainer:
         if extra is None:
             return
         self.state = TrainState(**extra["train_state"])
+        self._saved_step = self.state.step
         restore_rng_state(extra["rng"])
+        self._truncate_metrics_file(self.state.step)
         stage = self._stage_for(self.state.step)
         if extra.get("data") is not None and extra.get("data_stage") == stage.index:
             self._open_stage_data(stage, extra["data"])
@@ -264,6 +290,13 @@ class Trainer:
                 f" {self.state.step} and no checkpoint to roll back to"
             )
         kept = self.state
+        self._rollbacks_to[extra["train_state"]["step"]] = self._rollbacks_to.get(extra["train_state"]["step"], 0) + 1
+        if self._rollbacks_to[extra["train_state"]["step"]] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+            raise RollbackImpossible(
+                f"non-finite losses keep coming back after {MAX_ROLLBACKS_TO_ONE_CHECKPOINT}"
+                f" rollbacks to step {extra['train_state']['step']}; giving up (lower the LR,"
+                " check the data)"
+            )
         self.state = TrainState(**extra["train_state"])
         self.state.skipped_steps = kept.skipped_steps
         self.state.mlflow_run_id = kept.mlflow_run_id
@@ -275,9 +308,25 @@ class Trainer:
     def _stage_for(self, step: int) -> Stage:
         return apply_stage(self.model, self.stages, min(step, self.cfg.train.steps - 1))
 
+    def _record(self, row: dict[str, float]) -> None:
+        """Keep the row in memory and append it to ``metrics.jsonl`` (rank 0): the loss curve
+        survives the process, and floats are written exactly (repr round-trips)."""
+        self.history.append(row)
+        if self.info.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics_file(self, step: int) -> None:
+        """After a resume, drop rows of steps the interrupted run did past its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.info.is_main and path.exists():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
     def _log(self, metrics: dict[str, float]) -> None:
         step = self.state.step
-        self.history.append({"step": step, **metrics})
+        self._record({"step": step, **metrics})
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=step)
         if step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.steps):
@@ -293,7 +342,7 @@ class Trainer:
         if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.steps):
             results = evaluate(self.engine.module, self._eval_batches(), self.info.device)
             results = {k: all_reduce_mean(v, self.info) for k, v in results.items()}
-            self.history.append({"step": self.state.step, **results})
+            self._record({"step": self.state.step, **results})
             if self.tracker is not None:
                 self.tracker.log_metrics(results, step=self.state.step)
             shown = " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "eval/tokens")
@@ -302,36 +351,40 @@ class Trainer:
     def run(self) -> list[dict[str, float]]:
         """Train until train.steps (or a stop signal); returns the logged metrics."""
         self.stop.install()
+        status = "FAILED"
         try:
             self.maybe_resume()
             self.tracker = self.tracker_factory(self.state.mlflow_run_id)
-            if self.state.step == 0:
+            if self.tracker is not None and self.state.step == 0:
                 self.tracker.log_params(config_to_dict(self.cfg))
-            total = self.cfg.train.steps
-            while self.state.step < total:
-                stage = self._stage_for(self.state.step)
-                if stage.index != self.reader_stage:
-                    self._enter_stage(stage)
-                metrics = self.train_step(stage)
-                self._log(metrics)
-                if self.state.nonfinite_streak >= self.cfg.train.max_nonfinite:
-                    self._rollback()
-                    continue
-                every = self.cfg.checkpoint.every
-                if every and self.state.step % every == 0 and self.state.step < total:
-                    self.save_checkpoint()
-                self._maybe_evaluate()
-                if self._stop_requested():
-                    self.log(f"stop requested ({self.stop.requested}): checkpointing and exiting")
-                    self.save_checkpoint()
-                    return self.history
+            status = self._loop()
             self.save_checkpoint()
             return self.history
         finally:
             self.stop.uninstall()
             self.checkpoints.wait()
             if self.tracker is not None:
-                self.tracker.close()
+                self.tracker.close(status=status)
+
+    def _loop(self) -> str:
+        """Steps until the end or a stop request; returns the MLflow run status to close with."""
+        total = self.cfg.train.steps
+        while self.state.step < total:
+            stage = self._stage_for(self.state.step)
+            if stage.index != self.reader_stage:
+                self._enter_stage(stage)
+            self._log(self.train_step(stage))
+            if self.state.nonfinite_streak >= self.cfg.train.max_nonfinite:
+                self._rollback()
+                continue
+            every = self.cfg.checkpoint.every
+            if every and self.state.step % every == 0:
+                self.save_checkpoint()
+            self._maybe_evaluate()
+            if self._stop_requested():
+                self.log(f"stop requested ({self.stop.requested}): checkpointing and exiting")
+                return "KILLED"
+        return "FINISHED"
 
     def _enter_stage(self, stage: Stage) -> None:
         if self.reader_stage >= 0:  # a stage change, not the start of the run: checkpoint it

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backends import load_backend_function
+from kernels.backends import TRITON_MODULES, load_backend_function
 from kernels.pkm.ref import pkm_lookup_ref
 
 
@@ -20,7 +20,9 @@ def pkm_lookup(
         values: [R, Dv] value table.
         indices: [n, k] int64 rows in 0..R-1 (repeats allowed).
         weights: [n, k] per-row weights.
-        backend: ``torch`` (``F.embedding_bag``, the reference) | ``triton``.
+        backend: ``torch`` (``F.embedding_bag``, the reference) | ``triton`` (its value gradient
+            is the deterministic sorted reduction when ``torch.use_deterministic_algorithms`` is
+            on, atomic adds otherwise).
 
     Returns:
         [n, Dv] in the table's dtype.
@@ -32,6 +34,6 @@ def pkm_lookup(
     if backend == "torch":
         return pkm_lookup_ref(values, indices, weights)
     if backend == "triton":
-        lookup = load_backend_function("pkm", "triton", "kernels.pkm.triton", "pkm_lookup_triton")
+        lookup = load_backend_function("pkm", "triton", *TRITON_MODULES["pkm"])
         return lookup(values, indices, weights)
     raise ValueError(f"unknown pkm backend '{backend}'; known: torch, triton")

@@ -35,7 +35,9 @@ parameter anyway (``sparse=False``), so it costs no memory beyond the parameter'
 ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``, PyTorch's one
 switch. Block sizes are fixed (no autotuning), so the interpreter path (``TRITON_INTERPRET=1``,
 CPU tensors, used by the tests) and the GPU path run the same programs; nothing here calls
-``torch.cuda`` for CPU tensors.
+``torch.cuda`` for CPU tensors. Forward and backward are ``torch.library`` custom ops
+(``hydra_kernels::pkm_bag_fwd`` / ``pkm_bag_bwd``) with fake implementations, wrapped in an
+``autograd.Function``, so ``torch.compile`` traces through the bag without graph breaks.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def _bag_fwd_kernel(
         r = tl.load(idx_ptr + rows * k + j, mask=row_ok, other=0).to(tl.int64)
         w = tl.load(w_ptr + rows * k + j, mask=row_ok, other=0.0).to(ACC)
         v = tl.load(
-            values_ptr + r[:, None] * s_v_r + cols[None, :] * s_v_d, mask=tile_ok, other=0.0
+            values_ptr + r[:, None] * s_v_r + cols[None, :].to(tl.int64) * s_v_d,
+            mask=tile_ok,
+            other=0.0,
         )
         acc += w[:, None] * v.to(ACC)
     out = out_ptr + rows[:, None] * dv + cols[None, :]
@@ -107,7 +111,9 @@ def _bag_bwd_kernel(
         r = tl.load(idx_ptr + rows * k + j, mask=row_ok, other=0).to(tl.int64)
         if WEIGHT_GRAD:
             v = tl.load(
-                values_ptr + r[:, None] * s_v_r + cols[None, :] * s_v_d, mask=tile_ok, other=0.0
+                values_ptr + r[:, None] * s_v_r + cols[None, :].to(tl.int64) * s_v_d,
+                mask=tile_ok,
+                other=0.0,
             )
             tl.store(gw_rows + j, tl.sum(go * v.to(ACC), axis=1), mask=row_ok)
         if SCATTER:
@@ -186,7 +192,9 @@ def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     if indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
     if not values.is_floating_point() or not weights.is_floating_point():
-        raise ValueError(f"values and weights must be floating, got {values.dtype}, {weights.dtype}")
+        raise ValueError(
+            f"values and weights must be floating, got {values.dtype}, {weights.dtype}"
+        )
     if len({values.device, indices.device, weights.device}) != 1:
         raise ValueError("values, indices and weights must be on one device")
     if not values.is_cuda and not INTERPRET:
@@ -196,7 +204,9 @@ def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
         )
 
 
-def _bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _bag_forward(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Launch the forward kernel: [n, Dv] in the table's dtype."""
     n, k = indices.shape
     dv = values.shape[1]
@@ -264,9 +274,10 @@ def _bag_backward_sorted(
     flat = indices.reshape(-1).to(torch.int64)
     # stable: a row's pairs keep their (bag, slot) order, so the reduction order is fixed
     sorted_rows, pair = torch.sort(flat, stable=True)
-    seg = torch.zeros(rows + 1, dtype=torch.int64, device=values.device)
-    # bincount on the sorted copy; integer counts, so the device's atomics cannot change them
-    torch.cumsum(torch.bincount(sorted_rows, minlength=rows), dim=0, out=seg[1:])
+    # seg[r] = first sorted pair of row r; searchsorted (unlike bincount/cumsum on CUDA) is
+    # allowed under torch.use_deterministic_algorithms, which is when this path runs
+    all_rows = torch.arange(rows + 1, dtype=torch.int64, device=values.device)
+    seg = torch.searchsorted(sorted_rows, all_rows)
     block_d = _block_d(dv)
     grid = (rows, triton.cdiv(dv, block_d))
     with _device_guard(values):
@@ -305,7 +316,9 @@ def _bag_backward(
 # torch.library custom ops with fake (shape-only) implementations, so torch.compile traces a
 # model through the bag without graph breaks and never looks inside the launchers.
 @torch.library.custom_op("hydra_kernels::pkm_bag_fwd", mutates_args=())
-def _pkm_bag_fwd(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _pkm_bag_fwd(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     return _bag_forward(values, indices, weights)
 
 
@@ -339,7 +352,9 @@ def _pkm_bag_bwd(
 def _pkm_bag_bwd_fake(values, indices, weights, grad_out, need_values, need_weights, deterministic):  # noqa: ANN001, ANN202, E501
     grad_v = torch.empty_like(values, memory_format=torch.contiguous_format)
     grad_w = torch.empty_like(weights)
-    return grad_v if need_values else values.new_empty(0), grad_w if need_weights else weights.new_empty(0)
+    return grad_v if need_values else values.new_empty(
+        0
+    ), grad_w if need_weights else weights.new_empty(0)
 
 
 # ----------------------------------------------------------------------------- autograd

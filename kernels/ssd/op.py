@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.backends import BackendUnavailableError, load_backend_function
+from kernels.backends import TRITON_MODULES, BackendUnavailableError, load_backend_function
 from kernels.ssd.ref import document_ids, ssd_scan_chunked
 
 _MAMBA_MODULE = "mamba_ssm.ops.triton.ssd_combined"
@@ -155,7 +155,7 @@ def ssd_scan(
     if backend == "torch":
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     if backend == "triton":
-        scan = load_backend_function("ssd", "triton", "kernels.ssd.triton", "ssd_scan_triton")
+        scan = load_backend_function("ssd", "triton", *TRITON_MODULES["ssd"])
         return scan(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
     if backend == "mamba_ssm":
         return _ssd_scan_mamba(x, dt, A, B, C, chunk_size, initial_state, seq_idx)

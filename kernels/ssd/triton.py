@@ -39,8 +39,9 @@ def _ssd_scan_fwd(
 
 @_ssd_scan_fwd.register_fake
 def _ssd_scan_fwd_fake(x, dt, A, B, C, chunk_size, initial_state, seq_idx):
+    # the launchers allocate contiguous outputs, whatever the inputs' strides
     b, _, H, P = x.shape
-    return torch.empty_like(x), x.new_empty((b, H, P, B.shape[-1]), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((b, H, P, B.shape[-1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("hydra_kernels::ssd_scan_bwd", mutates_args=())
@@ -64,14 +65,7 @@ def _ssd_scan_bwd_fake(dy, dfinal, x, dt, A, B, C, chunk_size, initial_state, se
     b, _, H, P = x.shape
     init_dtype = torch.float32 if initial_state is None else initial_state.dtype
     d_init = x.new_empty((b, H, P, B.shape[-1]), dtype=init_dtype)
-    return (
-        torch.empty_like(x),
-        torch.empty_like(dt),
-        torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
-        d_init,
-    )
+    return (*(t.new_empty(t.shape) for t in (x, dt, A, B, C)), d_init)
 
 
 class _SSDScanTriton(torch.autograd.Function):
@@ -109,7 +103,7 @@ def ssd_scan_triton(
     """The SSD scan by Triton kernels; same op and shapes as ``ssd_scan_chunked``.
 
     Differentiable w.r.t. x, dt, A, B, C and initial_state. Inputs may be fp32, bf16 or fp16
-    (each tensor on its own; the big matmuls take x's dtype as operand dtype, fp32 runs them in
+    (each tensor on its own; every matmul takes x's dtype as operand dtype, fp32 runs them in
     IEEE fp32); state and accumulation are fp32. Any T, any chunk size, G groups; deterministic.
 
     Args:

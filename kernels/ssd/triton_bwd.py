@@ -11,16 +11,20 @@ with dy [b, T, H, P] and dfinal [b, H, P, N]:
    leaving chunk c, g_nc = dfinal), g_c = exp(a_end) keep_c g_c+1 + Dy_c, d(initial) = g_0, and
    the decay's share dL/da_end += exp(a_end) keep_c <g_c+1, Hin_c>.
 3. ``_chunk_scan_bwd_dx_kernel``: du_s = sum_{t >= s} (C_t . B_s) exp(a_t - a_s) same(t, s) dy_t
-   + exp(a_end - a_s) end(s) dS_c B_s; dx = dt du; sum_p x du; sum_p u du_state.
-4. ``_chunk_scan_bwd_dcb_kernel``: dCB_ts = sum_{h in group} exp(a_t - a_s) same(t, s) dt_s
-   dy_t . x_s, then ``_chunk_scan_bwd_dc_kernel`` / ``_chunk_scan_bwd_db_kernel``:
-   dC_t = sum_h exp(a_t) in(t) Hin_c^T dy_t + sum_s dCB_ts B_s,
-   dB_s = sum_h exp(a_end - a_s) end(s) dt_s dS_c^T x_s + sum_t dCB_ts C_t.
-5. ``chunk_scan(dy=...)`` recomputes y in fp32 and gives rowdot_t = sum_p dy_t y_t. Every a_t
-   enters y_t as +a_t and the terms of step s as -a_s, so
-   dL/da_t = rowdot_t - dt_t sum_p x_t du_t (+ the end-of-chunk terms at t = L - 1), and
-   ``_ddt_combine_kernel`` turns it into d(dt A)_k = sum_{t >= k} dL/da_t, ddt = sum_p x du
-   + A d(dt A), and per-chunk partial sums of dA = sum d(dt A) dt.
+   + exp(a_end - a_s) end(s) dS_c B_s; dx = dt du; sum_p x du; R_s = sum_p u_s du_state_s.
+4. ``_chunk_scan_bwd_dcb_kernel``: per head dCB_ts = exp(a_t - a_s) same(t, s) dt_s dy_t . x_s
+   (summed over the group's heads into dcb) and Q_ts = dCB_ts (C_t . B_s), the intra-chunk terms
+   of dL/da; then ``_chunk_scan_bwd_dc_kernel`` / ``_chunk_scan_bwd_db_kernel``:
+   dC_t = sum_h exp(a_t) in(t) Hin_c^T dy_t + sum_s dcb_ts B_s,
+   dB_s = sum_h exp(a_end - a_s) end(s) dt_s dS_c^T x_s + sum_t dcb_ts C_t.
+5. dL/da. Each a_t enters as +a_t where step t reads (y_t) and as -a_s where step s is read, so
+   dL/da_t = sum_p dy_t y_state_t + sum_s Q_ts - sum_t' Q_t't - R_t
+   (+ sum_s R_s + the state-passing share at t = L - 1, where a_end lives). The y_state term
+   comes from ``chunk_scan(dy=...)``; the Q sums from the Q tiles themselves, so that the
+   intra-chunk +/- pairs cancel exactly (the same sums taken from y and du would carry two
+   different bf16 roundings, which left dA with ~10% errors). ``_ddt_combine_kernel`` then forms
+   d(dt A)_k = sum_{t >= k} dL/da_t, ddt = sum_p x du + A d(dt A), and per-chunk partial sums of
+   dA = sum d(dt A) dt.
 
 All of it is Triton; only the last sums over blocks / chunks (tiny [.., H] tensors) are torch.
 """
@@ -34,18 +38,20 @@ import triton
 import triton.language as tl
 
 from kernels.ssd.triton_fwd import (
+    Geometry,
     _chunk_edge_docs,
     _chunk_ids,
     _load_doc,
     _mm,
+    _rows_dot_state,
     _segment_mask,
-    Geometry,
     block,
     chunk_scan,
     chunk_state,
     device_guard,
     forward_parts,
     new_buffer,
+    tile_cap,
 )
 
 # ----------------------------------------------------------------------------- kernels
@@ -68,9 +74,9 @@ def _state_passing_bwd_kernel(
     hi = tl.program_id(2)
     mask = offs < PN
     if HAS_DFINAL:
-        g = tl.load(
-            dfinal_ptr + bi * s_f_b + hi * s_f_h + offs * s_f_pn, mask=mask, other=0.0
-        ).to(tl.float32)
+        g = tl.load(dfinal_ptr + bi * s_f_b + hi * s_f_h + offs * s_f_pn, mask=mask, other=0.0).to(
+            tl.float32
+        )
     else:
         g = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nc):
@@ -117,22 +123,11 @@ def _chunk_scan_bwd_dx_kernel(
     doc_m = _load_doc(doc_ptr + bi * Tpad + t0, offs_m, offs_m < L, HAS_DOC)
 
     # through the chunk's end state: exp(a_end - a_s) end(s) B_s . dS_c
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    b_rows = b_ptr + bi * s_b_b + (t0 + offs_m) * s_b_t + gi * s_b_g
-    dstate = dstates_ptr + ((bi * nc + ci) * H + hi) * P * N
-    for k0 in range(0, N, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        b_tile = tl.load(
-            b_rows[:, None] + offs_k[None, :] * s_b_n,
-            mask=valid_m[:, None] & (offs_k < N)[None, :],
-            other=0.0,
-        )
-        dsT = tl.load(
-            dstate + offs_p[None, :] * N + offs_k[:, None],
-            mask=(offs_k < N)[:, None] & (offs_p < P)[None, :],
-            other=0.0,
-        )
-        acc = _mm(b_tile, dsT, acc, tl.float32, "ieee", INTERPRET)
+    acc = _rows_dot_state(
+        b_ptr + bi * s_b_b + (t0 + offs_m) * s_b_t + gi * s_b_g, s_b_n,
+        dstates_ptr + ((bi * nc + ci) * H + hi) * P * N, offs_p, valid_m, P, N,
+        BLOCK_M, BLOCK_P, BLOCK_K, DOT_DTYPE, PRECISION, INTERPRET,
+    )  # fmt: skip
     w_end = tl.exp(a_end - a_m)
     if HAS_DOC:
         doc_before, doc_last = _chunk_edge_docs(doc_ptr, bi, ci, t0, L, Tpad)
@@ -142,6 +137,7 @@ def _chunk_scan_bwd_dx_kernel(
     # through later outputs of the chunk: sum_t CB_ts exp(a_t - a_s) same(t, s) dy_t
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     cb = cb_ptr + ((bi * nc + ci) * G + gi) * L * L
+    dy_chunk = dy_ptr + bi * s_dy_b + t0 * s_dy_t + hi * s_dy_h
     for u0 in range(tl.program_id(1) * BLOCK_M, L, BLOCK_T):
         offs_t = u0 + tl.arange(0, BLOCK_T)
         valid_t = (offs_t < L) & (t0 + offs_t < T)
@@ -153,8 +149,7 @@ def _chunk_scan_bwd_dx_kernel(
         a_t = tl.load(dacs_row + offs_t, mask=offs_t < L, other=0.0)
         decayT = tl.exp(tl.where(keepT, a_t[None, :] - a_m[:, None], float("-inf")))
         dy_tile = tl.load(
-            dy_ptr + bi * s_dy_b + (t0 + offs_t)[:, None] * s_dy_t + hi * s_dy_h
-            + offs_p[None, :] * s_dy_p,
+            dy_chunk + offs_t[:, None] * s_dy_t + offs_p[None, :] * s_dy_p,
             mask=valid_t[:, None] & (offs_p < P)[None, :],
             other=0.0,
         )
@@ -171,7 +166,9 @@ def _chunk_scan_bwd_dx_kernel(
         dt_ptr + bi * s_dt_b + (t0 + offs_m) * s_dt_t + hi * s_dt_h, mask=valid_m, other=0.0
     ).to(tl.float32)
     dx = dx_ptr + bi * s_dx_b + (t0 + offs_m)[:, None] * s_dx_t + hi * s_dx_h
-    tl.store(dx + offs_p[None, :] * s_dx_p, (du * dt_m[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        dx + offs_p[None, :] * s_dx_p, (du * dt_m[:, None]).to(dx_ptr.dtype.element_ty), mask=mask
+    )
     row = (bi * H + hi) * Tpad + t0 + offs_m
     tl.store(ddt_x_ptr + row, tl.sum(x_tile * du, axis=1), mask=valid_m)
     tl.store(r_state_ptr + row, dt_m * tl.sum(x_tile * du_state, axis=1), mask=valid_m)
@@ -180,7 +177,7 @@ def _chunk_scan_bwd_dx_kernel(
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
     dy_ptr, x_ptr, dt_ptr, dacs_ptr, doc_ptr, cb_ptr, dcb_ptr, rowq_ptr, colq_ptr,
-    b, T, L, nc, H, R, G, P, Tpad,
+    T, L, nc, H, R, G, P, Tpad, s_q,
     s_x_b, s_x_t, s_x_h, s_x_p,
     s_dy_b, s_dy_t, s_dy_h, s_dy_p,
     s_dt_b, s_dt_t, s_dt_h,
@@ -233,8 +230,10 @@ def _chunk_scan_bwd_dcb_kernel(
         acc += dcb_h
         q = dcb_h * cb_tile
         row = (bi * H + hi) * Tpad + t0
-        tl.store(rowq_ptr + pid_n * b * H * Tpad + row + offs_m, tl.sum(q, axis=1), mask=valid_m)
-        tl.store(colq_ptr + pid_m * b * H * Tpad + row + offs_n, tl.sum(q, axis=0), mask=valid_n)
+        rowq = rowq_ptr + pid_n.to(tl.int64) * s_q + row
+        tl.store(rowq + offs_m, tl.sum(q, axis=1), mask=valid_m)
+        colq = colq_ptr + pid_m.to(tl.int64) * s_q + row
+        tl.store(colq + offs_n, tl.sum(q, axis=0), mask=valid_n)
     out = dcb_ptr + ((bi * nc + ci) * G + gi) * L * L
     tl.store(
         out + offs_m[:, None] * L + offs_n[None, :],
@@ -296,11 +295,11 @@ def _chunk_scan_bwd_dc_kernel(
         hi = gi * R + r
         acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         state = states_ptr + ((bi * nc + ci) * H + hi) * P * N
+        dy_rows = dy_ptr + bi * s_dy_b + (t0 + offs_m) * s_dy_t + hi * s_dy_h
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             dy_tile = tl.load(
-                dy_ptr + bi * s_dy_b + (t0 + offs_m)[:, None] * s_dy_t + hi * s_dy_h
-                + offs_p[None, :] * s_dy_p,
+                dy_rows[:, None] + offs_p[None, :] * s_dy_p,
                 mask=valid_m[:, None] & (offs_p < P)[None, :],
                 other=0.0,
             )
@@ -309,18 +308,18 @@ def _chunk_scan_bwd_dc_kernel(
                 mask=(offs_p < P)[:, None] & (offs_n < N)[None, :],
                 other=0.0,
             )
-            acc_h = _mm(dy_tile, st, acc_h, tl.float32, "ieee", INTERPRET)
+            acc_h = _mm(dy_tile, st, acc_h, DOT_DTYPE, PRECISION, INTERPRET)
         a_m = tl.load(dacs_ptr + ((bi * H + hi) * nc + ci) * L + offs_m, mask=offs_m < L, other=0.0)
         acc += acc_h * tl.where(in_m, tl.exp(a_m), 0.0)[:, None]
     dcb = dcb_ptr + ((bi * nc + ci) * G + gi) * L * L
+    b_chunk = b_ptr + bi * s_b_b + t0 * s_b_t + gi * s_b_g
     for s0 in range(0, tl.minimum((pid_m + 1) * BLOCK_M, L), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         valid_s = (offs_s < L) & (t0 + offs_s < T)
         causal = (offs_s[None, :] <= offs_m[:, None]) & valid_m[:, None] & valid_s[None, :]
         dcb_tile = tl.load(dcb + offs_m[:, None] * L + offs_s[None, :], mask=causal, other=0.0)
         b_tile = tl.load(
-            b_ptr + bi * s_b_b + (t0 + offs_s)[:, None] * s_b_t + gi * s_b_g
-            + offs_n[None, :] * s_b_n,
+            b_chunk + offs_s[:, None] * s_b_t + offs_n[None, :] * s_b_n,
             mask=valid_s[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
@@ -363,11 +362,11 @@ def _chunk_scan_bwd_db_kernel(
         hi = gi * R + r
         acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dstate = dstates_ptr + ((bi * nc + ci) * H + hi) * P * N
+        x_rows = x_ptr + bi * s_x_b + (t0 + offs_m) * s_x_t + hi * s_x_h
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             x_tile = tl.load(
-                x_ptr + bi * s_x_b + (t0 + offs_m)[:, None] * s_x_t + hi * s_x_h
-                + offs_p[None, :] * s_x_p,
+                x_rows[:, None] + offs_p[None, :] * s_x_p,
                 mask=valid_m[:, None] & (offs_p < P)[None, :],
                 other=0.0,
             )
@@ -376,7 +375,7 @@ def _chunk_scan_bwd_db_kernel(
                 mask=(offs_p < P)[:, None] & (offs_n < N)[None, :],
                 other=0.0,
             )
-            acc_h = _mm(x_tile, ds, acc_h, tl.float32, "ieee", INTERPRET)
+            acc_h = _mm(x_tile, ds, acc_h, DOT_DTYPE, PRECISION, INTERPRET)
         dacs_row = dacs_ptr + ((bi * H + hi) * nc + ci) * L
         a_m = tl.load(dacs_row + offs_m, mask=offs_m < L, other=0.0)
         a_end = tl.load(dacs_row + L - 1)
@@ -385,14 +384,14 @@ def _chunk_scan_bwd_db_kernel(
         ).to(tl.float32)
         acc += acc_h * tl.where(end_m, tl.exp(a_end - a_m) * dt_m, 0.0)[:, None]
     dcb = dcb_ptr + ((bi * nc + ci) * G + gi) * L * L
+    c_chunk = c_ptr + bi * s_c_b + t0 * s_c_t + gi * s_c_g
     for u0 in range(pid_m * BLOCK_M, L, BLOCK_T):
         offs_t = u0 + tl.arange(0, BLOCK_T)
         valid_t = (offs_t < L) & (t0 + offs_t < T)
         causalT = (offs_m[:, None] <= offs_t[None, :]) & valid_m[:, None] & valid_t[None, :]
         dcbT = tl.load(dcb + offs_t[None, :] * L + offs_m[:, None], mask=causalT, other=0.0)
         c_tile = tl.load(
-            c_ptr + bi * s_c_b + (t0 + offs_t)[:, None] * s_c_t + gi * s_c_g
-            + offs_n[None, :] * s_c_n,
+            c_chunk + offs_t[:, None] * s_c_t + offs_n[None, :] * s_c_n,
             mask=valid_t[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
@@ -409,7 +408,7 @@ def _chunk_scan_bwd_db_kernel(
 def _ddt_combine_kernel(
     rowdot_ptr, rowq_ptr, colq_ptr, ddt_x_ptr, r_state_ptr, ddacs_end_ptr, dt_ptr, A_ptr,
     ddt_ptr, da_part_ptr,
-    b, T, L, nc, H, Tpad, n_tiles,
+    T, L, nc, H, Tpad, n_tiles, TILE, s_q,
     s_dt_b, s_dt_t, s_dt_h,
     s_ddt_b, s_ddt_t, s_ddt_h,
     BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -424,9 +423,14 @@ def _ddt_combine_kernel(
     # dL/da_t: +a_t in y_t (state part and intra rows), -a_s in the later terms (intra columns,
     # chunk state)
     da = tl.load(rowdot_ptr + rows, mask=mask, other=0.0)
-    for i in range(n_tiles):  # only tiles on or below the diagonal were written (others are 0)
-        da += tl.load(rowq_ptr + i * b * H * Tpad + rows, mask=mask, other=0.0)
-        da -= tl.load(colq_ptr + i * b * H * Tpad + rows, mask=mask, other=0.0)
+    tile = offs_l // TILE
+    rowq = rowq_ptr + rows
+    colq = colq_ptr + rows
+    for i in range(n_tiles):  # partials exist only for tiles on or below the diagonal
+        da += tl.load(rowq, mask=mask & (i <= tile)[None, :], other=0.0)
+        da -= tl.load(colq, mask=mask & (i >= tile)[None, :], other=0.0)
+        rowq += s_q  # pointer steps: no i * s_q product that could pass 2^31
+        colq += s_q
     ddt_x = tl.load(ddt_x_ptr + rows, mask=mask, other=0.0)
     r_state = tl.load(r_state_ptr + rows, mask=mask, other=0.0)
     # the end-of-chunk decay a_end (= a at step L - 1; padded steps add 0) collects the terms of
@@ -475,7 +479,7 @@ def _state_passing_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In place Dy -> dS on ``dstates``; returns (d_initial [b,H,P,N], ddacs_end [b,H,nc]) fp32."""
     pn = geo.P * geo.N
-    blk = min(triton.next_power_of_2(pn), 1024)
+    blk = min(triton.next_power_of_2(pn), 16 * tile_cap())
     n_tiles = triton.cdiv(pn, blk)
     dinit = new_buffer((geo.b, geo.H, geo.P, geo.N), torch.float32, states.device)
     ddacs_end = new_buffer((n_tiles, geo.b, geo.H, geo.nc), torch.float32, states.device)
@@ -496,35 +500,38 @@ def _dx(dy, x, dt, B, cb, dacs, dstates, doc, geo: Geometry, dots: dict):
     dx = new_buffer(tuple(x.shape), x.dtype, x.device)
     ddt_x = new_buffer((geo.b, geo.H, geo.Tpad), torch.float32, x.device)
     r_state = new_buffer((geo.b, geo.H, geo.Tpad), torch.float32, x.device)
-    bm = block(geo.L, 64)
+    bm = block(geo.L)
     _chunk_scan_bwd_dx_kernel[(geo.b * geo.nc, triton.cdiv(geo.L, bm), geo.H)](
         cb, dy, x, dt, dacs, B, dstates, dacs if doc is None else doc, dx, ddt_x, r_state,
         geo.T, geo.L, geo.nc, geo.H, geo.R, geo.G, geo.P, geo.N, geo.Tpad,
         *x.stride(), *dy.stride(), *B.stride(), *dt.stride(), *dx.stride(),
         HAS_DOC=doc is not None,
-        BLOCK_M=bm, BLOCK_P=block(geo.P, 256), BLOCK_K=block(geo.N, 64), BLOCK_T=bm, **dots,
+        BLOCK_M=bm, BLOCK_P=block(geo.P, 256), BLOCK_K=block(geo.N), BLOCK_T=bm, **dots,
     )  # fmt: skip
     return dx, ddt_x, r_state
 
 
-def _dcb(dy, x, dt, dacs, doc, geo: Geometry, dots: dict) -> torch.Tensor:
-    """dcb [b, nc, G, L, L] fp32 (lower-triangular tiles only)."""
+def _dcb(dy, x, dt, cb, dacs, doc, geo: Geometry, dots: dict):
+    """(dcb [b, nc, G, L, L], rowq, colq [n_tiles, b, H, nc * L]) fp32; see the kernel."""
+    bm = block(geo.L)
+    n_tiles = triton.cdiv(geo.L, bm)
     dcb = new_buffer((geo.b, geo.nc, geo.G, geo.L, geo.L), torch.float32, x.device)
-    bm = block(geo.L, 64)
-    _chunk_scan_bwd_dcb_kernel[(geo.b * geo.nc, triton.cdiv(geo.L, bm) ** 2, geo.G)](
-        dy, x, dt, dacs, dacs if doc is None else doc, dcb,
-        geo.T, geo.L, geo.nc, geo.H, geo.R, geo.G, geo.P, geo.Tpad,
+    rowq = new_buffer((n_tiles, geo.b, geo.H, geo.Tpad), torch.float32, x.device)
+    colq = new_buffer((n_tiles, geo.b, geo.H, geo.Tpad), torch.float32, x.device)
+    _chunk_scan_bwd_dcb_kernel[(geo.b * geo.nc, n_tiles**2, geo.G)](
+        dy, x, dt, dacs, dacs if doc is None else doc, cb, dcb, rowq, colq,
+        geo.T, geo.L, geo.nc, geo.H, geo.R, geo.G, geo.P, geo.Tpad, rowq.stride(0),
         *x.stride(), *dy.stride(), *dt.stride(),
-        HAS_DOC=doc is not None, BLOCK_M=bm, BLOCK_N=bm, BLOCK_P=block(geo.P, 64), **dots,
+        HAS_DOC=doc is not None, BLOCK_M=bm, BLOCK_N=bm, BLOCK_P=block(geo.P), **dots,
     )  # fmt: skip
-    return dcb
+    return dcb, rowq, colq
 
 
 def _dc_db(dy, x, dt, B, C, dacs, states, dstates, dcb, doc, geo: Geometry, dots: dict):
     """(dC, dB), each [b, T, G, N] in its input's dtype."""
     dC = new_buffer(tuple(C.shape), C.dtype, C.device)
     dB = new_buffer(tuple(B.shape), B.dtype, B.device)
-    bm, bn, bp = block(geo.L, 64), block(geo.N, 64), block(geo.P, 64)
+    bm, bn, bp = block(geo.L), block(geo.N), block(geo.P)
     grid = (geo.b * geo.nc, triton.cdiv(geo.L, bm) * triton.cdiv(geo.N, bn), geo.G)
     doc_arg = dacs if doc is None else doc
     _chunk_scan_bwd_dc_kernel[grid](
@@ -542,15 +549,17 @@ def _dc_db(dy, x, dt, B, C, dacs, states, dstates, dcb, doc, geo: Geometry, dots
     return dC, dB
 
 
-def _ddt_dA(rowdot, ddt_x, r_state, ddacs_end, dt, A, geo: Geometry):
+def _ddt_dA(rowdot, rowq, colq, ddt_x, r_state, ddacs_end, dt, A, geo: Geometry):
     """(ddt in dt's dtype, dA in A's dtype)."""
     ddt = new_buffer(tuple(dt.shape), dt.dtype, dt.device)
     da_part = new_buffer((geo.b * geo.nc, geo.H), torch.float32, dt.device)
     block_l = triton.next_power_of_2(geo.L)
     block_h = max(1, min(triton.next_power_of_2(geo.H), 4096 // block_l))
+    tile = block(geo.L)  # the L tile of _dcb, which wrote rowq and colq
     _ddt_combine_kernel[(geo.b * geo.nc, triton.cdiv(geo.H, block_h))](
-        rowdot, ddt_x, r_state, ddacs_end, dt, A, ddt, da_part,
-        geo.T, geo.L, geo.nc, geo.H, geo.Tpad, *dt.stride(), *ddt.stride(),
+        rowdot, rowq, colq, ddt_x, r_state, ddacs_end, dt, A, ddt, da_part,
+        geo.T, geo.L, geo.nc, geo.H, geo.Tpad, triton.cdiv(geo.L, tile), tile, rowq.stride(0),
+        *dt.stride(), *ddt.stride(),
         BLOCK_H=block_h, BLOCK_L=block_l,
     )  # fmt: skip
     return ddt, da_part.sum(dim=0).to(A.dtype)
@@ -579,9 +588,9 @@ def ssd_backward(
         dinit, ddacs_end = _state_passing_bwd(dstates, fw.states, dfinal, fw.dacs, doc, geo)
         rowdot = chunk_scan(fw.cb, x, dt, fw.dacs, C, fw.states, doc, geo, dots, dy=dy)
         dx, ddt_x, r_state = _dx(dy, x, dt, B, fw.cb, fw.dacs, dstates, doc, geo, dots)
-        dcb = _dcb(dy, x, dt, fw.dacs, doc, geo, dots)
+        dcb, rowq, colq = _dcb(dy, x, dt, fw.cb, fw.dacs, doc, geo, dots)
         dC, dB = _dc_db(dy, x, dt, B, C, fw.dacs, fw.states, dstates, dcb, doc, geo, dots)
-        ddt, dA = _ddt_dA(rowdot, ddt_x, r_state, ddacs_end, dt, A, geo)
+        ddt, dA = _ddt_dA(rowdot, rowq, colq, ddt_x, r_state, ddacs_end, dt, A, geo)
     if initial_state is not None:
         dinit = dinit.to(initial_state.dtype)
     return Grads(dx, ddt, dA, dB, dC, dinit)

@@ -69,6 +69,32 @@ def _segment_mask(offs_t, offs_s, valid_t, valid_s, doc_t, doc_s, HAS_DOC: tl.co
 
 
 @triton.jit
+def _rows_dot_state(
+    rows, s_n, state, offs_p, valid_m, P, N,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """[BM, BP] = M[m, :N] . state[p, :N] for row pointers ``rows`` into M (n stride s_n) and a
+    contiguous fp32 [P, N] ``state`` (rounded to DOT_DTYPE for the product only, as in mamba_ssm:
+    an IEEE fp32 dot would be the slowest part of the scan on GPU)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        m_tile = tl.load(
+            rows[:, None] + offs_k[None, :] * s_n,
+            mask=valid_m[:, None] & (offs_k < N)[None, :],
+            other=0.0,
+        )
+        stT = tl.load(
+            state + offs_p[None, :] * N + offs_k[:, None],
+            mask=(offs_k < N)[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        )
+        acc = _mm(m_tile, stT, acc, DOT_DTYPE, PRECISION, INTERPRET)
+    return acc
+
+
+@triton.jit
 def _chunk_ids(pid_bc, nc, L):
     """(batch row, chunk, global time of the chunk's first step as int64) of a program."""
     bi = pid_bc // nc
@@ -187,6 +213,8 @@ def _chunk_state_kernel(
     a_end = tl.load(dacs_row + L - 1)
     if HAS_DOC:
         doc_before, doc_last = _chunk_edge_docs(doc_ptr, bi, ci, t0, L, Tpad)
+    x_chunk = x_ptr + bi * s_x_b + t0 * s_x_t + hi * s_x_h
+    b_chunk = b_ptr + bi * s_b_b + t0 * s_b_t + gi * s_b_g
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, L, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -206,14 +234,12 @@ def _chunk_state_kernel(
                 w = tl.where(doc_s == doc_last, w, 0.0)
         w = tl.where(valid_s, w, 0.0)
         xT = tl.load(
-            x_ptr + bi * s_x_b + (t0 + offs_s)[None, :] * s_x_t + hi * s_x_h
-            + offs_p[:, None] * s_x_p,
+            x_chunk + offs_s[None, :] * s_x_t + offs_p[:, None] * s_x_p,
             mask=(offs_p < P)[:, None] & valid_s[None, :],
             other=0.0,
         )
         b_tile = tl.load(
-            b_ptr + bi * s_b_b + (t0 + offs_s)[:, None] * s_b_t + gi * s_b_g
-            + offs_n[None, :] * s_b_n,
+            b_chunk + offs_s[:, None] * s_b_t + offs_n[None, :] * s_b_n,
             mask=valid_s[:, None] & (offs_n < N)[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -325,22 +351,11 @@ def _chunk_scan_fwd_kernel(
     doc_m = _load_doc(doc_ptr + bi * Tpad + t0, offs_m, offs_m < L, HAS_DOC)
 
     # the state entering the chunk, read by C_t and decayed from the chunk start to t
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    c_rows = c_ptr + bi * s_c_b + (t0 + offs_m) * s_c_t + gi * s_c_g
-    state = states_ptr + ((bi * nc + ci) * H + hi) * P * N
-    for k0 in range(0, N, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        c_tile = tl.load(
-            c_rows[:, None] + offs_k[None, :] * s_c_n,
-            mask=valid_m[:, None] & (offs_k < N)[None, :],
-            other=0.0,
-        )
-        stT = tl.load(
-            state + offs_p[None, :] * N + offs_k[:, None],
-            mask=(offs_k < N)[:, None] & (offs_p < P)[None, :],
-            other=0.0,
-        )
-        acc = _mm(c_tile, stT, acc, tl.float32, "ieee", INTERPRET)  # keep the fp32 state exact
+    acc = _rows_dot_state(
+        c_ptr + bi * s_c_b + (t0 + offs_m) * s_c_t + gi * s_c_g, s_c_n,
+        states_ptr + ((bi * nc + ci) * H + hi) * P * N, offs_p, valid_m, P, N,
+        BLOCK_M, BLOCK_P, BLOCK_K, DOT_DTYPE, PRECISION, INTERPRET,
+    )  # fmt: skip
     w_in = tl.exp(a_m)
     if HAS_DOC:
         doc_before, doc_last = _chunk_edge_docs(doc_ptr, bi, ci, t0, L, Tpad)
@@ -359,9 +374,9 @@ def _chunk_scan_fwd_kernel(
 
     out_mask = valid_m[:, None] & (offs_p < P)[None, :]
     if ROWDOT:
+        dy_rows = dy_ptr + bi * s_dy_b + (t0 + offs_m) * s_dy_t + hi * s_dy_h
         dy = tl.load(
-            dy_ptr + bi * s_dy_b + (t0 + offs_m)[:, None] * s_dy_t + hi * s_dy_h
-            + offs_p[None, :] * s_dy_p,
+            dy_rows[:, None] + offs_p[None, :] * s_dy_p,
             mask=out_mask,
             other=0.0,
         ).to(tl.float32)
@@ -431,13 +446,20 @@ def geometry(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> Geometry:
     return Geometry(b, T, H, P, G, N, chunk_size, triton.cdiv(T, chunk_size))
 
 
-def block(n: int, cap: int) -> int:
-    """A power-of-two tile edge >= n up to ``cap``, at least 16 (the smallest tl.dot edge)."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
+TILE_CAP = 64  # largest tile edge; tests lower it to reach the multi-tile code paths
+
+
+def tile_cap() -> int:
+    return TILE_CAP
+
+
+def block(n: int, cap: int | None = None) -> int:
+    """A power-of-two tile edge >= n up to ``cap`` (default TILE_CAP), at least 16 (tl.dot)."""
+    return max(16, min(TILE_CAP if cap is None else cap, triton.next_power_of_2(n)))
 
 
 def dot_args(x: torch.Tensor) -> dict:
-    """Operand dtype of the big matmuls (x's) and fp32 precision (IEEE: correctness first)."""
+    """Operand dtype of every matmul (x's) and fp32 precision (IEEE: correctness first)."""
     dot_dtype = _DOT_DTYPES[x.dtype]
     return {
         "DOT_DTYPE": dot_dtype,
@@ -485,11 +507,11 @@ def chunk_cumsum(dt: torch.Tensor, A: torch.Tensor, geo: Geometry) -> torch.Tens
 def bmm_chunk(C: torch.Tensor, B: torch.Tensor, geo: Geometry, dots: dict) -> torch.Tensor:
     """cb [b, nc, G, L, L] fp32 = C_t . B_s per chunk (lower-triangular tiles only)."""
     cb = new_buffer((geo.b, geo.nc, geo.G, geo.L, geo.L), torch.float32, C.device)
-    bm = block(geo.L, 64)
+    bm = block(geo.L)
     grid = (geo.b * geo.nc, triton.cdiv(geo.L, bm) ** 2, geo.G)
     _bmm_chunk_kernel[grid](
         C, B, cb, geo.T, geo.L, geo.nc, geo.G, geo.N, *C.stride(), *B.stride(),
-        BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=block(geo.N, 64), **dots,
+        BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=block(geo.N), **dots,
     )  # fmt: skip
     return cb
 
@@ -506,14 +528,14 @@ def chunk_state(
 ) -> torch.Tensor:
     """[b, nc, H, P, N] fp32: each chunk's own end state (or, from_start, the dy.C reduction)."""
     out = new_buffer((geo.b, geo.nc, geo.H, geo.P, geo.N), torch.float32, x.device)
-    bp, bn = block(geo.P, 64), block(geo.N, 64)
+    bp, bn = block(geo.P), block(geo.N)
     grid = (geo.b * geo.nc, triton.cdiv(geo.P, bp) * triton.cdiv(geo.N, bn), geo.H)
     _chunk_state_kernel[grid](
         x, B, dt, dacs, dacs if doc is None else doc, out,
         geo.T, geo.L, geo.nc, geo.H, geo.R, geo.P, geo.N, geo.Tpad,
         *x.stride(), *B.stride(), *dt.stride(),
         FROM_START=from_start, HAS_DOC=doc is not None,
-        BLOCK_P=bp, BLOCK_N=bn, BLOCK_S=block(geo.L, 64), **dots,
+        BLOCK_P=bp, BLOCK_N=bn, BLOCK_S=block(geo.L), **dots,
     )  # fmt: skip
     return out
 
@@ -528,7 +550,7 @@ def state_passing(
     """Turn ``states`` into the states entering each chunk, in place; returns final [b,H,P,N]."""
     final = new_buffer((geo.b, geo.H, geo.P, geo.N), torch.float32, states.device)
     pn = geo.P * geo.N
-    blk = min(triton.next_power_of_2(pn), 1024)
+    blk = min(triton.next_power_of_2(pn), 16 * tile_cap())
     init = states if initial_state is None else initial_state
     init_strides = (0, 0, 0, 0) if initial_state is None else initial_state.stride()
     _state_passing_fwd_kernel[(triton.cdiv(pn, blk), geo.b, geo.H)](
@@ -561,15 +583,15 @@ def chunk_scan(
     else:
         out = new_buffer(tuple(x.shape), x.dtype, x.device)
         y, dy_ = out, x
-    bm = block(geo.L, 64)
-    bp = block(geo.P, 256) if rowdot else block(geo.P, 64)
+    bm = block(geo.L)
+    bp = block(geo.P, 256) if rowdot else block(geo.P)
     grid = (geo.b * geo.nc, triton.cdiv(geo.L, bm) * triton.cdiv(geo.P, bp), geo.H)
     _chunk_scan_fwd_kernel[grid](
         cb, x, dt, dacs, C, states, dacs if doc is None else doc, y, dy_, out,
         geo.T, geo.L, geo.nc, geo.H, geo.R, geo.G, geo.P, geo.N, geo.Tpad,
         *x.stride(), *C.stride(), *dt.stride(), *y.stride(), *dy_.stride(),
         HAS_DOC=doc is not None, ROWDOT=rowdot,
-        BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=block(geo.N, 64), BLOCK_S=bm, **dots,
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=block(geo.N), BLOCK_S=bm, **dots,
     )  # fmt: skip
     return out
 

@@ -21,8 +21,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalar metrics at a training step."""
 
-    def log_artifact(self, path: str | Path) -> None:
-        """Log a file or directory as an artifact of the run."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or directory as an artifact of the run (under ``artifact_path``)."""
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush what is buffered (bounded in time) and end the run with ``status``."""
@@ -45,7 +45,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Ignore metrics."""
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Ignore artifacts."""
 
     def wait_for_run(self, timeout_s: float) -> str | None:

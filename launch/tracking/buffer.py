@@ -68,6 +68,11 @@ class TrackingBuffer:
         with self._lock:
             self._params.update(params)
 
+    def restore_params(self, params: dict[str, str]) -> None:
+        """Put back params whose send failed; values queued since then stay newer."""
+        with self._lock:
+            self._params = {**params, **self._params}
+
     def add_artifact(self, item: ArtifactItem) -> int:
         """Append an upload, dropping the oldest beyond the bound; returns how many dropped."""
         with self._lock:

@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from pretrain.checkpoint.errors import CheckpointError
+
 T = TypeVar("T")
 
 
-class CheckpointCollectiveError(RuntimeError):
+class CheckpointCollectiveError(CheckpointError):
     """A step that one rank ran on behalf of all (rank 0's rename, a scan) failed there."""
 
 

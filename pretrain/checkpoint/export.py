@@ -40,14 +40,14 @@ def _dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         by_view[view] = name
         # a different view into storage already stored (or a strided view) must stand alone
         shared = ptr in storages and tensor.numel() > 0
-        stored[name] = tensor.clone(memory_format=torch.contiguous_format) if shared else tensor.contiguous()
+        stored[name] = (
+            tensor.clone(memory_format=torch.contiguous_format) if shared else tensor.contiguous()
+        )
         storages.add(ptr)
     return stored, aliases
 
 
-def export_safetensors(
-    model: nn.Module, config_dict: dict[str, Any], out_dir: Path
-) -> Path | None:
+def export_safetensors(model: nn.Module, config_dict: dict[str, Any], out_dir: Path) -> Path | None:
     """Write the full, unsharded ``model`` state to ``out_dir/model.safetensors`` + ``config.json``.
 
     Collective for an FSDP2-sharded model (every rank must call it: the full state dict is

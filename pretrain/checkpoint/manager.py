@@ -8,7 +8,7 @@ Save (collective over the process group):
   3. finalisation (at once, or in ``wait()`` / the next ``save``/``load_latest`` when async): the
      ranks hash the files between them, rank 0 checks that every file DCP's metadata references is
      there, writes ``manifest.json``, renames the directory to ``step_N/``, replaces ``latest`` and
-     prunes old checkpoints.
+     prunes old checkpoints (and any newer than N: a resume that skipped them abandoned them).
 
 Load: the newest ``step_*`` directory whose manifest, file sizes, sha256 sums, extra state and DCP
 load all check out. A directory only gets its final name after its manifest has been written and
@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
-from pretrain.checkpoint import files
+from pretrain.checkpoint import files, verify
 from pretrain.checkpoint.comm import CheckpointComm
+from pretrain.checkpoint.errors import CheckpointError, CheckpointWarning
 from pretrain.checkpoint.files import DATA_STATES, LATEST, MANIFEST, TMP_PREFIX
+from pretrain.checkpoint.model_state import prepare_load
 from pretrain.checkpoint.state import load_extra, serialize_extra
 
 logger = logging.getLogger("pretrain.checkpoint")
@@ -46,14 +48,6 @@ logger = logging.getLogger("pretrain.checkpoint")
 warnings.filterwarnings(
     "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or checkpoints exist and none of them is usable."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (corrupt, truncated, unloadable) or the layout looked odd."""
 
 
 @dataclass
@@ -130,7 +124,10 @@ class CheckpointManager:
             future = getattr(response, "upload_completion", response)
             self._pending = _PendingSave(step, tmp, future)
             return
-        dcp.save(app_state, checkpoint_id=tmp, process_group=self.comm.group, no_dist=no_dist)
+        try:
+            dcp.save(app_state, checkpoint_id=tmp, process_group=self.comm.group, no_dist=no_dist)
+        except CheckpointException as exc:  # a BaseException: make it catchable as an Exception
+            raise CheckpointError(f"saving step {step} failed: {verify.describe(exc)}") from exc
         self._finalize(step, tmp)
 
     def wait(self) -> None:
@@ -146,8 +143,8 @@ class CheckpointManager:
         problem = None
         try:
             pending.future.result()
-        except Exception as exc:
-            problem = f"rank {self.comm.rank}: {exc!r}"
+        except (Exception, CheckpointException) as exc:
+            problem = f"rank {self.comm.rank}: {verify.describe(exc)}"
         problem = self.comm.agree(problem)
         if problem is not None:
             self.comm.on_main(lambda: shutil.rmtree(pending.tmp, ignore_errors=True))
@@ -181,8 +178,7 @@ class CheckpointManager:
             return None
         raise CheckpointError(
             f"checkpoints exist in {self.root} but none can be loaded; refusing to start from"
-            " scratch (move the directory away to start a fresh run):\n  "
-            + "\n  ".join(failures)
+            " scratch (move the directory away to start a fresh run):\n  " + "\n  ".join(failures)
         )
 
     def list_checkpoints(self) -> list[Path]:
@@ -235,25 +231,9 @@ class CheckpointManager:
         merged = {name: rec for _, part in gathered for name, rec in part.items()}
         self.comm.on_main(lambda: self._publish(step, tmp, merged))
 
-    def _check_complete(self, tmp: Path, records: dict[str, dict[str, Any]]) -> None:
-        """Every file DCP's metadata points at, and every rank's extra state, is present."""
-        required = [".metadata", DATA_STATES]
-        required += [files.extra_name(r) for r in range(self.comm.world)]
-        missing = [name for name in required if name not in records]
-        if missing:
-            raise CheckpointError(f"checkpoint {tmp} is incomplete: missing {missing}")
-        metadata = FileSystemReader(str(tmp)).read_metadata()
-        for info in (metadata.storage_data or {}).values():
-            record = records.get(info.relative_path)
-            if record is None or info.offset + info.length > record["size"]:
-                raise CheckpointError(
-                    f"checkpoint {tmp} is incomplete: DCP data {info.relative_path} is missing or"
-                    " shorter than its metadata says"
-                )
-
     def _publish(self, step: int, tmp: Path, records: dict[str, dict[str, Any]]) -> None:
         """Rank 0: manifest, rename, ``latest`` (last), prune."""
-        self._check_complete(tmp, records)
+        verify.check_complete(tmp, records, self.comm.world)
         manifest = {
             "format": files.MANIFEST_FORMAT,
             "step": step,
@@ -276,10 +256,16 @@ class CheckpointManager:
         files.atomic_write(self.root / LATEST, final.name.encode())
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        self._prune()
+        self._prune(step)
 
-    def _prune(self) -> None:
+    def _prune(self, saved_step: int) -> None:
         dirs = files.step_dirs(self.root)
+        # a newer step than the one just saved belongs to an abandoned timeline (e.g. the corrupt
+        # checkpoint a resume skipped); left there, a later resume could jump back into it
+        for path in [p for p in dirs if files.parse_step(p.name) > saved_step]:
+            self._warn(f"removing {path}: newer than step {saved_step}, which supersedes it")
+            shutil.rmtree(path, ignore_errors=True)
+        dirs = [p for p in dirs if files.parse_step(p.name) <= saved_step]
         keep = {p.name for p in dirs[-self.keep_last :]}
         keep.add(files.read_latest(self.root))
         if self.keep_every is not None:
@@ -325,37 +311,35 @@ class CheckpointManager:
     def _try_load(self, name: str, app_state: dict[str, Any]) -> tuple[str | None, Any]:
         """(problem, extra): verify files, read the extra state, then load the tensors."""
         path = self.root / name
-        problem, manifest = self.comm.on_main(lambda: _read_checked_manifest(path))
+        problem, manifest = self.comm.on_main(lambda: verify.read_checked_manifest(path))
         if problem is None:
-            problem = self.comm.agree(self._check_files(path, manifest))
+            mine = verify.check_files(
+                path, manifest, self.comm.rank, self.comm.world, self.verify_hashes
+            )
+            problem = self.comm.agree(mine)
         if problem is not None:
             return problem, None
         extra, problem = self._read_extra(path, manifest)
         problem = self.comm.agree(problem)
         if problem is not None:
             return problem, None
+        view, planner = prepare_load(app_state)
         try:
             dcp.load(
-                app_state,
+                view,
                 checkpoint_id=path,
+                planner=planner,
                 process_group=self.comm.group,
                 no_dist=self.comm.group is None,
             )
-        except Exception as exc:
-            problem = f"loading the tensors failed: {type(exc).__name__}: {exc}"
+        except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+            problem = f"loading the tensors failed: {verify.describe(exc)}"
+        # DCP replaces plain (non-Stateful) entries in the dict it was given
+        app_state.update({k: v for k, v in view.items() if k not in planner.optimizer_keys})
         return self.comm.agree(problem), extra
 
-    def _check_files(self, path: Path, manifest: dict[str, Any]) -> str | None:
-        """This rank's share of the size/sha256 checks."""
-        names = sorted(manifest["files"])
-        problems = []
-        for name in names[self.comm.rank :: self.comm.world]:
-            found = files.check_file(path / name, manifest["files"][name], self.verify_hashes)
-            if found is not None:
-                problems.append(found)
-        return "; ".join(problems) or None
-
     def _read_extra(self, path: Path, manifest: dict[str, Any]) -> tuple[Any, str | None]:
+        """(extra, problem): this rank's extra (rank 0's for ranks new since the save)."""
         saved_world = int(manifest["world_size"])
         rank = self.comm.rank if self.comm.rank < saved_world else 0
         try:
@@ -363,11 +347,17 @@ class CheckpointManager:
             all_ranks = load_extra(path / DATA_STATES)
         except Exception as exc:
             return None, f"rank {self.comm.rank}: extra state unreadable: {exc}"
-        if not isinstance(extra, dict) or len(all_ranks) != saved_world:
+        if not isinstance(extra, dict) or not isinstance(all_ranks, list):
+            return None, f"rank {self.comm.rank}: extra state has an unexpected type"
+        if len(all_ranks) != saved_world:
             return None, f"rank {self.comm.rank}: extra state has an unexpected shape"
         if saved_world != self.comm.world and self.comm.is_main:
-            logger.info("checkpoint %s was saved by %d ranks, loading on %d", path.name,
-                        saved_world, self.comm.world)
+            logger.info(
+                "checkpoint %s was saved by %d ranks, loading on %d",
+                path.name,
+                saved_world,
+                self.comm.world,
+            )
         extra = dict(extra)
         extra.update(
             saved_world_size=saved_world,
@@ -376,15 +366,3 @@ class CheckpointManager:
             checkpoint_path=str(path),
         )
         return extra, None
-
-
-def _read_checked_manifest(path: Path) -> tuple[str | None, dict[str, Any] | None]:
-    try:
-        manifest = files.read_manifest(path)
-    except ValueError as exc:
-        return str(exc), None
-    if manifest["step"] != files.parse_step(path.name):
-        return f"{MANIFEST} is for step {manifest['step']}, not {path.name}", None
-    if ".metadata" not in manifest["files"]:
-        return f"{MANIFEST} lists no DCP .metadata", None
-    return None, manifest

@@ -1,5 +1,5 @@
-"""What goes into a checkpoint besides the file layout: model+optimizer as a DCP ``Stateful``,
-RNG states, and the per-rank ``extra`` dict (serialised so it loads with ``weights_only=True``)."""
+"""Per-rank state beside the tensors: RNG states and the ``extra`` dict (serialised so that it
+loads with ``weights_only=True``)."""
 
 from __future__ import annotations
 
@@ -10,53 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
-
-
-class ModelOptimizerState(Stateful):
-    """Model and optimizer state for DCP, keyed by parameter names (FQNs).
-
-    ``get_state_dict``/``set_state_dict`` give sharded DTensors for FSDP2 models and plain tensors
-    otherwise; both are keyed by FQN (wrapper prefixes such as ``_orig_mod.`` removed), so DCP can
-    load a checkpoint into another world size or between sharded and unsharded models. The
-    optimizer state is flattened (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``), which keeps
-    it independent of parameter order and sharding.
-
-    Args:
-        model: the unwrapped model (FSDP2-sharded in place, or plain).
-        optimizer: its optimizer, or None to checkpoint the model alone.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.options = StateDictOptions(flatten_optimizer_state_dict=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model, options=self.options)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.optimizer is None:
-            set_model_state_dict(self.model, state_dict["model"], options=self.options)
-            return
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optim"],
-            options=self.options,
-        )
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -6,7 +6,7 @@ every failure message: rerun with SSD_TRITON_SEED=<seed> to reproduce. Every buf
 allocate is filled with NaN first, so an element that no kernel writes fails the comparison.
 
 Tolerances: max |kernel - reference| <= tol * max(max |reference|, 0.1) per tensor, against
-``ssd_scan_chunked`` run in fp64 on the same input values; tol = 2e-5 for fp32 inputs and 3e-2
+``ssd_scan_chunked`` run in fp64 on the same input values; tol = 2e-5 for fp32 inputs and 2e-2
 for bf16 inputs (the matmul operands are rounded to bf16 as on GPU tensor cores).
 """
 
@@ -20,6 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
 import zlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -46,7 +47,7 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _poison() -> None:
+def _poison() -> Iterator[None]:
     with triton_fwd.nan_poisoned_buffers():
         yield
 
@@ -122,7 +123,7 @@ CASES = [
     # b, T, H, P, G, N, chunk, initial_state, packed, loss
     (1, 1, 1, 4, 1, 4, 8, False, False, "both"),
     (2, 7, 2, 4, 2, 8, 8, True, True, "both"),
-    (2, 33, 2, 8, 1, 16, 8, True, False, "both"),
+    (1, 33, 2, 8, 1, 16, 8, True, False, "both"),
     (1, 33, 2, 16, 2, 8, 16, False, True, "y"),
     (2, 40, 2, 8, 1, 12, 16, True, True, "state"),
     (1, 17, 2, 4, 1, 4, 8, True, True, "both"),
@@ -146,6 +147,20 @@ def test_fp32_matches_chunked_reference(case: tuple) -> None:
         assert_rel_close(grads[name], grads_ref[name], 2e-5, f"d{name}")
 
 
+def test_multi_tile_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-wide tiles: several L, P and N tiles per chunk (loops, skipped tiles, partial sums)."""
+    monkeypatch.setattr(triton_fwd, "TILE_CAP", 16)
+    b, T, H, P, G, N, chunk = 1, 37, 2, 24, 1, 20, 24  # a ragged last chunk, 2 x 2 L tiles
+    seed = seed_for("tiles")
+    inp = make_inputs(b, T, H, P, G, N, seed, torch.float32)
+    seq_idx = packed_seq_idx(b, T, seed).to(DEVICE)
+    (out, grads), (out_ref, grads_ref) = run_both(inp, chunk, seq_idx, "both", seed)
+    for name in out:
+        assert_rel_close(out[name], out_ref[name], 2e-5, name)
+    for name in grads:
+        assert_rel_close(grads[name], grads_ref[name], 2e-5, f"d{name}")
+
+
 def test_bf16_inputs() -> None:
     b, T, H, P, G, N, chunk = 1, 33, 2, 16, 2, 16, 16
     seed = seed_for("bf16")
@@ -154,10 +169,10 @@ def test_bf16_inputs() -> None:
     (out, grads), (out_ref, grads_ref) = run_both(inp, chunk, seq_idx, "both", seed)
     assert out["y"].dtype == torch.bfloat16 and out["final_state"].dtype == torch.float32
     for name in out:
-        assert_rel_close(out[name], out_ref[name], 3e-2, name)
+        assert_rel_close(out[name], out_ref[name], 2e-2, name)
     for name in grads:
         assert grads[name].dtype == inp[name].dtype
-        assert_rel_close(grads[name], grads_ref[name], 3e-2, f"d{name}")
+        assert_rel_close(grads[name], grads_ref[name], 2e-2, f"d{name}")
 
 
 def test_forward_matches_sequential_definition() -> None:
@@ -187,6 +202,42 @@ def test_packed_row_equals_documents_run_alone() -> None:
     y1, _ = ssd_scan_triton(**first, chunk_size=8)
     y2, _ = ssd_scan_triton(**second, chunk_size=8)
     torch.testing.assert_close(y, torch.cat([y1, y2], dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """Schemas, fake (meta) implementations and tracing of both custom ops."""
+    b, T, H, P, G, N, chunk = 1, 9, 2, 4, 1, 4, 8
+    seed = seed_for("opcheck")
+    inp = {k: v.to(DEVICE) for k, v in make_inputs(b, T, H, P, G, N, seed, torch.float32).items()}
+    seq_idx = packed_seq_idx(b, T, seed).to(DEVICE)
+    scan_args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk)
+    fwd_args = (*scan_args, inp["initial_state"], seq_idx)
+    torch.library.opcheck(torch.ops.hydra_kernels.ssd_scan_fwd.default, fwd_args)
+    dy, dfinal = torch.randn_like(inp["x"]), torch.randn_like(inp["initial_state"])
+    bwd_args = (dy, dfinal, *scan_args, None, seq_idx)
+    torch.library.opcheck(torch.ops.hydra_kernels.ssd_scan_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    b, T, H, P, G, N, chunk = 1, 9, 2, 4, 1, 4, 8
+    seed = seed_for("compile")
+    inp = make_inputs(b, T, H, P, G, N, seed, torch.float32)
+    seq_idx = packed_seq_idx(b, T, seed).to(DEVICE)
+
+    def objective(**leaves: torch.Tensor) -> torch.Tensor:
+        y, final = ssd_scan_triton(**leaves, chunk_size=chunk, seq_idx=seq_idx)
+        return (y * y).sum() + final.sum()
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, objective):
+        leaves = {k: v.detach().to(DEVICE).requires_grad_() for k, v in inp.items()}
+        loss = fn(**leaves)
+        results.append((loss, torch.autograd.grad(loss, list(leaves.values()))))
+    (loss_c, grads_c), (loss_e, grads_e) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
 
 
 def test_rejects_unsupported_dtype() -> None:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import build_chunk_summaries, document_ids, sparse_global_attention
+from kernels.attention import build_chunk_summaries, document_ids
+from kernels.attention.op import sparse_global_attention
 from pretrain.models.common.documents import positions_in_document
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.config import AttentionConfig
@@ -89,6 +90,9 @@ class SparseGlobalAttention(_AttentionBase):
     before its window starts, in its own document, the ``n_global`` most recent.
     """
 
+    kernel_op = "attention"  # which kernel backend setting applies (see kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
+
     def _attend(
         self,
         q: torch.Tensor,
@@ -102,7 +106,14 @@ class SparseGlobalAttention(_AttentionBase):
         if cfg.n_global > 0 and q.shape[1] > cfg.window:  # shorter rows can never see a summary
             summaries = build_chunk_summaries(k, v, cfg.summary_chunk, doc_pos)
         return sparse_global_attention(
-            q, k, v, summaries, window=cfg.window, n_global=cfg.n_global, seq_idx=seq_idx
+            q,
+            k,
+            v,
+            summaries,
+            window=cfg.window,
+            n_global=cfg.n_global,
+            seq_idx=seq_idx,
+            backend=self.kernel_backend,
         )
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe import moe_experts_sorted
+from kernels.moe.op import moe_experts
 from pretrain.models.common.documents import positions_in_document
 from pretrain.models.config import MoEConfig
 
@@ -55,6 +55,9 @@ class ChunkMoE(nn.Module):
         d_model: D.
         cfg: the MoE section of the model config.
     """
+
+    kernel_op = "moe"  # which kernel backend setting applies (see kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -99,8 +102,14 @@ class ChunkMoE(nn.Module):
         routing = self.route(x, seq_idx)
         tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
         tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
-        y = moe_experts_sorted(
-            x.reshape(batch * seq_len, d_model), tok_expert, tok_weight, self.w1, self.w3, self.w2
+        y = moe_experts(
+            x.reshape(batch * seq_len, d_model),
+            tok_expert,
+            tok_weight,
+            self.w1,
+            self.w3,
+            self.w2,
+            backend=self.kernel_backend,
         )
         if self.training and not _in_backward():
             self._record_load(tok_expert)

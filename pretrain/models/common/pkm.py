@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.pkm import pkm_lookup_ref, pkm_select
+from kernels.pkm import pkm_select
+from kernels.pkm.op import pkm_lookup
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.config import PKMConfig
 
@@ -42,6 +43,8 @@ class ProductKeyMemory(nn.Module):
 
     # The block gives it the raw residual: it applies its own input RMSNorm (self.norm).
     normalizes_input = True
+    kernel_op = "pkm"  # which kernel backend setting applies (see kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
     def __init__(self, d_model: int, cfg: PKMConfig, norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -114,7 +117,7 @@ class ProductKeyMemory(nn.Module):
         if self.training:
             self._count_usage(indices)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            read = pkm_lookup_ref(self.values.weight, indices, weights)  # [N, Dv]
+            read = pkm_lookup(self.values.weight, indices, weights, self.kernel_backend)  # [N, Dv]
         read = read.reshape(batch, seq_len, self.d_value).to(x.dtype)
         return self.out(read) if self.out is not None else read
 

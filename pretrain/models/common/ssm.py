@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ssd import document_ids, ssd_scan_chunked
+from kernels.ssd import document_ids
+from kernels.ssd.op import ssd_scan
 from pretrain.models.config import SSMConfig
 
 
@@ -60,6 +61,9 @@ class GatedRMSNorm(nn.Module):
 
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (SSD) sequence mixer, single device; sequence parallelism builds on its states."""
+
+    kernel_op = "ssd"  # which kernel backend setting applies (see kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
     def __init__(self, d_model: int, cfg: SSMConfig, norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -134,7 +138,7 @@ class Mamba2Mixer(nn.Module):
             xs = xs.unflatten(-1, (H, cfg.head_dim))  # [B, T, H, P]
             dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, T, H]
             A = -torch.exp(self.A_log.float())
-            y, ssm_state = ssd_scan_chunked(
+            y, ssm_state = ssd_scan(
                 xs,
                 dt,
                 A,
@@ -143,6 +147,7 @@ class Mamba2Mixer(nn.Module):
                 cfg.chunk_size,
                 initial_state=None if initial_state is None else initial_state.float(),
                 seq_idx=doc,
+                backend=self.kernel_backend,
             )
             y = y + self.D.float()[:, None] * xs
             y = self.norm(y.flatten(-2), z)

@@ -1,6 +1,6 @@
 """The Hydra block: parallel gated paths, then optional memories.
 
-    h = x + g_ssm * SSM(n(x)) + g_att * SGA(n(x)) + g_ffn * FFN_or_MoE(n(x))
+    h = x + g_ssm * SSM(n(x)) + g_att * SGA(n(x)) + g_ffn * FFN_or_MoE(n(x))   (path "ffn" or "moe")
     h = h + g_ws * Workspace(n(h))      (blocks listed in workspace.after_blocks)
     h = h + g_pkm * PKM(n(h))           (blocks listed in pkm.after_blocks)
 
@@ -23,7 +23,7 @@ from pretrain.models.common.ssm import Mamba2Mixer
 from pretrain.models.common.workspace import WorkspaceMemory
 from pretrain.models.config import ModelConfig
 
-PARALLEL_PATHS = ("ssm", "attention", "ffn")
+PARALLEL_PATHS = ("ssm", "attention", "ffn", "moe")
 MEMORY_PATHS = ("workspace", "pkm")
 
 
@@ -35,7 +35,7 @@ def hydra_block_paths(cfg: ModelConfig, layer: int) -> dict[str, nn.Module]:
     if cfg.attention.enabled and (layer + 1) % cfg.attention.every == 0:
         paths["attention"] = SparseGlobalAttention(d, cfg.attention)
     if cfg.moe.enabled and (layer + 1) % cfg.moe.every == 0:
-        paths["ffn"] = ChunkMoE(d, cfg.moe)
+        paths["moe"] = ChunkMoE(d, cfg.moe)  # takes the FFN's place in this block
     elif cfg.d_ff > 0:
         paths["ffn"] = SwiGLU(d, cfg.d_ff)
     if cfg.workspace.enabled and layer in cfg.workspace.after_blocks:

@@ -1,0 +1,352 @@
+"""MLflow tracking: params/metrics/artifacts reach the store, resume continues the same run
+without duplicate steps, and a dead or hanging store never blocks or kills the caller."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("sqlalchemy")
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from launch.tracking import (  # noqa: E402
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    build_tracker,
+    flatten_config,
+    resolve_tracking_uri,
+    sanitize_key,
+)
+from launch.tracking.session import MlflowSession  # noqa: E402
+
+LOGGER = "launch.tracking"
+CONFIG = {
+    "model": {"d_model": 64, "ssm": {"d_state": 16, "chunk": [8, 16]}},
+    "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "decay_norms": False},
+    "curriculum": {"stages": [{"name": "backbone", "steps": 10}, {"name": "attn", "steps": 5}]},
+    "run": {"name": None},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # build_tracker sets MLflow HTTP defaults process-wide; record "absent" so they are undone.
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    ):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated store: copying it saves the ~2 s schema migration per test."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, template_db: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir()
+    shutil.copy(template_db, path / "mlflow.db")
+    return path
+
+
+def _client(run_dir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and text in r.getMessage()]
+
+
+def _tracker(run_dir: Path, **kw) -> MlflowTracker:
+    args = dict(
+        enabled=True,
+        run_dir=run_dir,
+        experiment="exp",
+        run_name="tiny",
+        system_metrics=False,
+        flush_interval_s=0.05,
+    )
+    args.update(kw)
+    tracker = build_tracker(**args)
+    assert isinstance(tracker, MlflowTracker) and isinstance(tracker, Tracker)
+    return tracker
+
+
+# ---------------------------------------------------------------------- params
+
+
+def test_flatten_config_dotted_keys_lists_and_limits() -> None:
+    @dataclasses.dataclass
+    class Section:
+        width: int = 4
+        path: Path = Path("/data/x")
+
+    flat = flatten_config({**CONFIG, "section": Section(), "empty": {}})
+    assert flat["model.d_model"] == "64"
+    assert flat["model.ssm.chunk"] == "[8, 16]"
+    assert flat["optim.lr"] == "0.001"
+    assert flat["optim.betas"] == "[0.9, 0.95]"
+    assert flat["optim.decay_norms"] == "false"
+    assert flat["curriculum.stages.1.name"] == "attn"
+    assert flat["run.name"] == "null"
+    assert flat["section.width"] == "4" and flat["section.path"] == "/data/x"
+    assert flat["empty"] == "{}"
+    assert flatten_config({"a": 1}, prefix="cfg") == {"cfg.a": "1"}
+
+    long = flatten_config({"blob": "x" * 10_000, "k" * 300: 1, "k" * 299 + "j": 2, "a b@c": 3})
+    assert len(long["blob"]) == 6000 and long["blob"].endswith("...[truncated]")
+    keys = [k for k in long if k.startswith("kkk")]
+    assert len(keys) == 2 and all(len(k) <= 250 for k in keys)
+    assert "a b_c" in long
+    assert sanitize_key("/a//b/../c/") == "a/b/_/c"
+
+
+def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch) -> None:
+    assert resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(tmp_path) == "http://env:5000"
+    assert resolve_tracking_uri(tmp_path, "http://arg:5000") == "http://arg:5000"
+
+
+# ---------------------------------------------------------------------- a local run
+
+
+def test_params_metrics_and_artifacts_reach_sqlite_store(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    tracker = _tracker(run_dir)
+    tracker.log_params(CONFIG)
+    for step in range(1, 6):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": np.float32(0.5), "bad": "x"}, step=step)
+    (run_dir / "config.yaml").write_text("model: {d_model: 64}\n")
+    plots = run_dir / "plots"
+    plots.mkdir()
+    (plots / "loss.txt").write_text("curve")
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(plots, artifact_path="plots")
+    tracker.close()
+    tracker.close()  # idempotent
+
+    client = _client(run_dir)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "tiny"
+    assert run.data.params == flatten_config(CONFIG)
+    assert _history(client, tracker.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 6)]
+    assert _history(client, tracker.run_id, "lr") == [(s, 0.5) for s in range(1, 6)]
+    assert "bad" not in run.data.metrics
+    assert len(_messages(caplog, "not a number")) == 1
+    assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").as_uri())
+    names = {f.path for f in client.list_artifacts(tracker.run_id)}
+    assert names == {"config.yaml", "plots"}
+    assert [f.path for f in client.list_artifacts(tracker.run_id, "plots")] == ["plots/loss.txt"]
+    assert next((run_dir / "mlartifacts").rglob("loss.txt")).read_text() == "curve"
+
+
+def test_resume_appends_to_same_run_and_skips_logged_steps(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    first = _tracker(run_dir)
+    first.log_params(CONFIG)
+    for step in range(10):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.log_metrics({"eval/loss": 7.0}, step=8)
+    first.close(status="KILLED")  # e.g. preempted after its last checkpoint at step 6
+    run_id = first.run_id
+
+    # The trainer resumes from the checkpoint at step 6 and replays steps 7..9.
+    second = _tracker(run_dir, run_id=run_id)
+    assert second.run_id == run_id  # known before any store access: goes into checkpoints
+    second.log_params(CONFIG)  # same values: accepted silently
+    second.log_params({"optim": {"lr": 5.0}})  # changed: warned, first value kept
+    for step in range(7, 15):
+        second.log_metrics({"loss": 100.0 + step}, step=step)
+    second.log_metrics({"eval/loss": 9.0}, step=8)  # replayed eval: dropped
+    second.log_metrics({"eval/loss": 3.0}, step=12)
+    second.log_metrics({"loss": -1.0}, step=12)  # a rollback replay in the same session
+    second.close()
+
+    client = _client(run_dir)
+    assert second.run_id == run_id
+    expected = [(s, float(s)) for s in range(10)] + [(s, 100.0 + s) for s in range(10, 15)]
+    assert _history(client, run_id, "loss") == expected
+    assert _history(client, run_id, "eval/loss") == [(8, 7.0), (12, 3.0)]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001"
+    assert _messages(caplog, "cannot change") and "optim.lr" in _messages(caplog, "cannot")[0]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_with_unknown_run_id_starts_a_new_run(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    tracker = _tracker(run_dir, run_id="0" * 32)
+    tracker.log_metrics({"loss": 1.0}, step=3)
+    new_id = tracker.wait_for_run(10)
+    tracker.close()
+    assert new_id is not None and new_id != "0" * 32 and tracker.run_id == new_id
+    assert _history(_client(run_dir), new_id, "loss") == [(3, 1.0)]
+    assert _messages(caplog, "not found")
+
+
+def test_system_metrics_are_logged(run_dir: Path, monkeypatch) -> None:
+    pytest.importorskip("psutil")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    tracker = _tracker(run_dir, system_metrics=True)
+    run_id = tracker.wait_for_run(10)
+    client = _client(run_dir)
+    found = _wait_for(
+        lambda: any(k.startswith("system/") for k in client.get_run(run_id).data.metrics), 10
+    )
+    tracker.close()
+    assert found
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------- other ranks
+
+
+def test_non_main_rank_and_disabled_write_nothing(tmp_path: Path) -> None:
+    for kw in ({"is_main_process": False}, {"enabled": False}):
+        args = {"enabled": True, "is_main_process": True, **kw}
+        tracker = build_tracker(
+            run_dir=tmp_path / "run", experiment="e", run_name="r", run_id="abc", **args
+        )
+        assert isinstance(tracker, NullTracker) and isinstance(tracker, Tracker)
+        assert tracker.run_id == "abc"  # kept for the checkpoint
+        tracker.log_params(CONFIG)
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_artifact(tmp_path / "missing.txt", artifact_path="plots")
+        tracker.close(status="FAILED")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def test_unreachable_store_never_blocks_and_close_is_bounded(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    # Port 9 (discard) on loopback: nothing listens, connections are refused.
+    tracker = _tracker(
+        tmp_path / "run", tracking_uri="http://127.0.0.1:9", close_timeout_s=2.0, max_buffered=100
+    )
+    tracker.log_params(CONFIG)
+    tracker.log_artifact(tmp_path / "nothing.txt")
+    worst = 0.0
+    for step in range(300):
+        start = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
+        worst = max(worst, time.perf_counter() - start)
+        if step == 10:
+            assert _wait_for(lambda: _messages(caplog, "unreachable"), 10)
+    assert worst < 0.05, f"log_metrics blocked for {worst:.3f} s"
+    assert tracker.run_id is None
+    assert tracker.dropped_metrics == 600 - 100 and tracker.pending_metrics <= 100
+    assert len(_messages(caplog, "buffer full")) == 1
+
+    start = time.monotonic()
+    tracker.close()
+    assert time.monotonic() - start < 2.0 + 0.5
+    assert len(_messages(caplog, "unreachable")) == 1  # warned once, not per retry
+    assert not (tmp_path / "run").exists()
+
+
+def test_close_is_bounded_when_server_hangs(tmp_path: Path) -> None:
+    # A socket that accepts connections (kernel backlog) but never answers.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        tracker = _tracker(tmp_path / "run", tracking_uri=uri, close_timeout_s=1.0)
+        start = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        assert time.perf_counter() - start < 0.05
+        start = time.monotonic()
+        tracker.close()
+        assert time.monotonic() - start < 1.0 + 0.5
+    finally:
+        server.close()
+
+
+class _FlakyClient:
+    """A real client whose every call fails like a dead server while ``down`` is set."""
+
+    def __init__(self, client: MlflowClient, down: threading.Event) -> None:
+        self._client = client
+        self._down = down
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            if self._down.is_set():
+                raise MlflowException("API request failed: Connection refused")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_outage_buffers_then_recovers_with_one_warning_each_way(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    down = threading.Event()
+    session = MlflowSession(
+        f"sqlite:///{run_dir / 'mlflow.db'}",
+        "exp",
+        "flaky",
+        client_factory=lambda uri: _FlakyClient(MlflowClient(tracking_uri=uri), down),
+    )
+    tracker = MlflowTracker(session, flush_interval_s=0.05, close_timeout_s=10.0)
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert _wait_for(lambda: tracker.pending_metrics == 0)
+
+    down.set()
+    tracker.log_params({"late": {"param": 1}})
+    for step in range(5, 10):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert _wait_for(lambda: _messages(caplog, "unreachable"))
+    time.sleep(0.3)  # several failed attempts while down
+    assert tracker.pending_metrics == 5
+    down.clear()
+    assert _wait_for(lambda: _messages(caplog, "reachable again"))
+    for step in range(10, 12):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.close()
+
+    assert len(_messages(caplog, "unreachable")) == 1
+    assert len(_messages(caplog, "reachable again")) == 1
+    client = _client(run_dir)
+    assert _history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(12)]
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"late.param": "1"}

@@ -1,0 +1,76 @@
+"""Every parallel path against the single-process result, with 2 gloo ranks on CPU.
+
+Tolerance: the same global batch gives the same loss and parameters up to fp32 summation order
+(ranks reduce gradients in another order than one process sums them): rtol 1e-5, atol 1e-6.
+Resume within one layout is exact (bitwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.pretrain.trainer_helpers import losses, run_training
+
+pytestmark = pytest.mark.distributed
+
+GLOBAL_BATCH_1 = ("train.batch_size=4",)
+GLOBAL_BATCH_2 = ("train.batch_size=2",)  # per rank: 2 ranks x 2 = the same 4 rows per step
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final_params.safetensors")
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
+    pa, pb = _final_params(a), _final_params(b)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+DUMP = {"HYDRA_TEST_DUMP_PARAMS": "1"}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single")
+    run_training(run_dir, *GLOBAL_BATCH_1, env=DUMP)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["parallel.backend=fsdp2", "parallel.backend=ddp", "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero3.json"],
+    ids=["fsdp2", "ddp", "zero3"],
+)
+def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backend: str) -> None:
+    run_training(tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP)
+    _assert_same_training(single_process, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["parallel.backend=fsdp2", "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero2.json"],
+    ids=["fsdp2", "zero2"],
+)
+def test_two_rank_resume_is_exact(tmp_path: Path, backend: str) -> None:
+    run_training(tmp_path / "full", *GLOBAL_BATCH_2, *backend.split(), nproc=2)
+    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *backend.split(), nproc=2, stop_at=3)
+    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *backend.split(), nproc=2)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_checkpoint_moves_between_world_sizes(tmp_path: Path, single_process: Path) -> None:
+    # 2 ranks -> 1 rank: model, optimizer and the data position carry over.
+    run_training(tmp_path / "two_then_one", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3)
+    run_training(tmp_path / "two_then_one", *GLOBAL_BATCH_1, env=DUMP)
+    _assert_same_training(single_process, tmp_path / "two_then_one")
+    # 1 rank -> 2 ranks.
+    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_1, stop_at=3)
+    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, env=DUMP)
+    _assert_same_training(single_process, tmp_path / "one_then_two")

@@ -1,0 +1,178 @@
+"""The trainer, single process: exact resume, stop signals, non-finite losses, curriculum, MLflow."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pretrain.trainer_helpers import FAST, TINY, WORKER, logged_rows, losses, run_training
+
+STAGES = (
+    "curriculum.stages=[{name: backbone, steps: 2, components: [ssm, ffn]},"
+    " {name: attention, steps: 2, components: [ssm, ffn, attention], gate_ramp_steps: 2},"
+    " {name: all, lr_factor: 0.5}]"
+)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
+    run_training(tmp_path / "full")
+    run_training(tmp_path / "split", stop_at=3)
+    assert len(losses(tmp_path / "split")) == 3
+    run_training(tmp_path / "split")
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bitwise, not approx
+    assert len(losses(tmp_path / "full")) == 6
+
+
+def test_curriculum_stages_switch_at_configured_steps_and_survive_resume(tmp_path: Path) -> None:
+    run_training(tmp_path / "full", STAGES, "checkpoint.keep_last=10")
+    stages = [row["stage"] for row in logged_rows(tmp_path / "full") if "loss" in row]
+    assert stages == [0, 0, 1, 1, 2, 2]
+    run_training(tmp_path / "split", STAGES, stop_at=3)  # stop inside stage 1
+    run_training(tmp_path / "split", STAGES)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    saved = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step_*"))
+    assert {"step_00000002", "step_00000004"} <= set(saved)  # stage changes are checkpointed
+
+
+def test_stage_components_are_really_switched(tmp_path: Path) -> None:
+    from pretrain.config import load_config
+    from pretrain.curriculum import apply_stage, resolve_stages
+    from pretrain.models import build_model
+
+    cfg = load_config(TINY, [*FAST, STAGES])
+    model = build_model(cfg.model)
+    stages = resolve_stages(cfg.curriculum, cfg.train.steps, cfg.train.seq_len, 4)
+    apply_stage(model, stages, 0)
+    assert all(
+        not b.active.get("attention", False) and not b.active.get("pkm", False)
+        for b in model.blocks.values()
+    )
+    apply_stage(model, stages, 2)  # first step of stage 1: attention ramps in at 1/2
+    ramps = [b.ramp["attention"] for b in model.blocks.values() if "attention" in b.ramp]
+    assert ramps and all(r == pytest.approx(0.5) for r in ramps)
+    apply_stage(model, stages, 5)
+    assert all(all(b.active.values()) for b in model.blocks.values())
+
+
+def test_bad_curriculum_is_a_clear_error(tmp_path: Path) -> None:
+    from pretrain.config import ConfigError, load_config
+    from pretrain.curriculum import resolve_stages
+
+    cfg = load_config(TINY, [*FAST, "curriculum.stages=[{name: a, steps: 5}, {name: b, steps: 5}]"])
+    with pytest.raises(ConfigError, match=r"stages\[b\].*beyond train.steps=6"):
+        resolve_stages(cfg.curriculum, cfg.train.steps, cfg.train.seq_len, 4)
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(TINY, ["curriculum.stages=[{name: a, components: [attn]}]"])
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        TINY,
+        "0",
+        *FAST,
+        "train.steps=100000",
+        f"run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(logged_rows(run_dir)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested (SIGTERM)" in out
+    last = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert last == f"step_{len(losses(run_dir)):08d}"
+
+
+def test_nonfinite_loss_skips_the_step_then_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from parallel.dist import DistInfo
+    from pretrain.build import build_trainer
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    original = Trainer._forward_backward
+    poisoned_steps = {4, 5}  # each poisoned once: after the rollback they train normally
+
+    def poisoned(self, micro):
+        loss, aux, tokens = original(self, micro)
+        step = self.state.step + 1
+        if step in poisoned_steps:
+            poisoned_steps.discard(step)
+            return math.nan, aux, tokens
+        return loss, aux, tokens
+
+    monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
+    messages: list[str] = []
+    cfg = load_config(
+        TINY,
+        [
+            *FAST,
+            "train.steps=8",
+            "train.max_nonfinite=2",
+            "checkpoint.every=2",
+            f"run.dir={tmp_path}",
+        ],
+    )
+    trainer = build_trainer(cfg, DistInfo(), log=messages.append)
+    history = trainer.run()
+    skipped = [row["step"] for row in history if row.get("skipped")]
+    assert skipped[:2] == [4, 5]
+    assert any("rolled back to step 4" in m for m in messages)
+    assert trainer.state.step == 8
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_persistent_nonfinite_loss_stops_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from parallel.dist import DistInfo
+    from pretrain.build import build_trainer
+    from pretrain.config import load_config
+    from pretrain.trainer import RollbackImpossible, Trainer
+
+    original = Trainer._forward_backward
+
+    def always_nan_after_2(self, micro):
+        loss, aux, tokens = original(self, micro)
+        return (math.nan if self.state.step >= 2 else loss), aux, tokens
+
+    monkeypatch.setattr(Trainer, "_forward_backward", always_nan_after_2)
+    cfg = load_config(TINY, [*FAST, "train.max_nonfinite=2", "checkpoint.every=2", f"run.dir={tmp_path}"])
+    with pytest.raises(RollbackImpossible, match="non-finite"):
+        build_trainer(cfg, DistInfo(), log=lambda m: None).run()
+
+
+def test_unreachable_mlflow_does_not_stop_training(tmp_path: Path) -> None:
+    run_training(
+        tmp_path,
+        "tracking.enabled=true",
+        "tracking.uri=http://127.0.0.1:9",
+        "tracking.system_metrics=false",
+    )
+    assert len(losses(tmp_path)) == 6
+
+
+def test_mlflow_run_continues_after_resume_without_duplicate_steps(tmp_path: Path) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    extra = ("tracking.enabled=true", "tracking.system_metrics=false")
+    run_training(tmp_path, *extra, stop_at=3)
+    run_training(tmp_path, *extra)
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == losses(tmp_path)

@@ -1,0 +1,73 @@
+"""Run a short training here or under torchrun, optionally stopping after a given step as a
+SIGTERM would (checkpoint, clean exit). Used by the trainer tests:
+
+    python tests/pretrain/train_worker.py CONFIG STOP_AT [overrides...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from launch.train import make_tracker  # noqa: E402
+from parallel.dist import init_distributed, shutdown  # noqa: E402
+from pretrain.build import build_trainer  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+from pretrain.trainer import Trainer  # noqa: E402
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Make the trainer see a stop request once ``step`` optimizer steps are done."""
+    original = trainer.train_step
+
+    def train_step(stage):
+        metrics = original(stage)
+        if trainer.state.step >= step:
+            trainer.stop.requested = "TEST"
+        return metrics
+
+    trainer.train_step = train_step
+
+
+def dump_full_params(trainer: Trainer, path: Path) -> None:
+    """The full (unsharded) parameters, written by rank 0, to compare layouts."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = trainer.model
+    if trainer.cfg.parallel.backend == "deepspeed":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 partitions
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    if trainer.info.is_main:
+        params = {
+            k: v.detach().clone().contiguous() for k, v in state.items() if "expert_bias" not in k
+        }
+        save_file(params, str(path))
+
+
+def main(argv: list[str]) -> int:
+    config, stop_at, *overrides = argv
+    cfg = load_config(config, overrides)
+    info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    try:
+        trainer = build_trainer(cfg, info, tracker_factory=make_tracker)
+        if int(stop_at) > 0:
+            stop_after(trainer, int(stop_at))
+        trainer.run()
+        if os.environ.get("HYDRA_TEST_DUMP_PARAMS"):
+            dump_full_params(trainer, Path(cfg.run.dir) / "final_params.safetensors")
+    finally:
+        shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
