@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The demo starts fresh each time (runs/hydra-tiny is its own directory).
 demo: setup
+	rm -rf runs/hydra-tiny
 	$(BIN)/hydra-pretrain train --config configs/hydra-tiny.yaml
 
 lint: setup

@@ -22,14 +22,27 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pretrain.models.common.attention import CausalSelfAttention, SparseGlobalAttention
-from pretrain.models.config import AttentionConfig
+if __name__ == "__main__":
+    # Run as a script, sys.path[0] is benchmarks/, whose kernels.py would shadow the project's
+    # ``kernels`` package: import from the repository root instead.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from pretrain.models.common.attention import (  # noqa: E402
+    CausalSelfAttention,
+    SparseGlobalAttention,
+)
+from pretrain.models.config import AttentionConfig  # noqa: E402
 
 VARIANTS = ("sga", "sga_packed", "full", "full_packed")
 N_DOCS_PACKED = 4
@@ -44,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--summary-chunk", type=int, default=64)
     p.add_argument("--n-global", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median)")
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out", default="attention_memory.json")
@@ -54,7 +67,10 @@ def parse_args() -> argparse.Namespace:
 def build_step(variant: str, args: argparse.Namespace, length: int) -> Callable[[], None]:
     """One forward + backward of the chosen module on a fresh [1, L, D] input."""
     cfg = AttentionConfig(
-        n_heads=args.heads, window=args.window, summary_chunk=args.summary_chunk, n_global=args.n_global
+        n_heads=args.heads,
+        window=args.window,
+        summary_chunk=args.summary_chunk,
+        n_global=args.n_global,
     )
     cls = SparseGlobalAttention if variant.startswith("sga") else CausalSelfAttention
     torch.manual_seed(0)
@@ -105,19 +121,24 @@ def peak_bytes(step: Callable[[], None], device: str) -> int:
 
 
 def seconds_per_step(step: Callable[[], None], device: str, repeats: int) -> float:
-    step()  # warm-up
-    _sync(device)
-    start = time.perf_counter()
+    """Median over ``repeats`` timed steps after one warm-up (robust to a busy machine)."""
+    step()
+    times = []
     for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
         step()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def print_table(rows: list[dict], ratios: dict[str, float], lengths: list[int]) -> None:
     print(f"\n{'variant':<12} {'L':>6} {'peak MiB':>10} {'ms/step':>10}")
     for r in rows:
-        print(f"{r['variant']:<12} {r['length']:>6} {r['peak_mib']:>10.1f} {r['ms_per_step']:>10.1f}")
+        print(
+            f"{r['variant']:<12} {r['length']:>6} {r['peak_mib']:>10.1f} {r['ms_per_step']:>10.1f}"
+        )
     lo, hi = min(lengths), max(lengths)
     print(f"\nmem({hi}) / mem({lo}):  linear ~{hi / lo:.0f}, quadratic ~{(hi / lo) ** 2:.0f}")
     for variant, ratio in ratios.items():
@@ -143,7 +164,12 @@ def main() -> None:
         peak = peak_bytes(step, args.device)
         secs = seconds_per_step(step, args.device, args.repeats)
         rows.append(
-            {"variant": variant, "length": length, "peak_mib": peak / 2**20, "ms_per_step": secs * 1e3}
+            {
+                "variant": variant,
+                "length": length,
+                "peak_mib": peak / 2**20,
+                "ms_per_step": secs * 1e3,
+            }
         )
     lo, hi = min(args.lengths), max(args.lengths)
     by = {(r["variant"], r["length"]): r for r in rows}

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from data_pipeline.prepare import add_prepare_arguments, run_prepare
 from launch.package_check import check_own_packages
 from pretrain.config_errors import ConfigError
 
@@ -57,12 +58,6 @@ def run_train(args: argparse.Namespace) -> int:
     return train_main(args.config, args.overrides)
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import run_prepare as prepare
-
-    return prepare(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hydra-pretrain", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train)
 
     prepare = sub.add_parser("prepare", help="tokenise text into webdataset token shards")
-    try:
-        from data_pipeline.prepare import add_prepare_arguments
-
-        add_prepare_arguments(prepare)
-    except ImportError:  # pragma: no cover - only while the data pipeline is not installed
-        pass
+    add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
     return parser
 

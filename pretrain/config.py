@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from pretrain.config_errors import ConfigError
-from pretrain.curriculum import CurriculumConfig, StageConfig
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataConfigError
+from pretrain.config_errors import ConfigError
+from pretrain.curriculum import CurriculumConfig, StageConfig
 from pretrain.data_config import DataConfig
 from pretrain.models.config import ModelConfig, model_config_problems
 from pretrain.train_config import (

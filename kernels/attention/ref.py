@@ -28,7 +28,10 @@ CPU algorithm (``sparse_global_attention``), O(T * (window + n_global)) time and
 T x T matrix: T is split into blocks of W = min(window, T) queries; block n attends to key blocks
 n-1 and n (masked to the window) and to the G' <= n_global + (summaries ending inside the block)
 summaries it can need, gathered per block. The two parts are merged by log-sum-exp exactly as
-flash attention merges tiles.
+flash attention merges tiles. Each part is an ``autograd.Function`` that builds its [W, L] scores
+a group of blocks at a time and recomputes them in the backward, so nothing of size
+T * (window + n_global) * H is kept between forward and backward, and the transient scores stay
+under a fixed budget (``_SCORE_ELEMS_PER_GROUP``).
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ class ChunkSummaries(NamedTuple):
     end: torch.Tensor
 
 
-def document_ids(seq_idx: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+def document_ids(
+    seq_idx: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
     """Canonical document number of each position, 0, 1, ... per row: [b, T] int64.
 
     Any change of ``seq_idx`` along T starts a new document (so the ids of the caller need not be
@@ -121,16 +126,22 @@ def build_chunk_summaries(
     return ChunkSummaries(pool(k), pool(v), start, end)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, n_global: int) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, n_global: int
+) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q [b,T,H,K], k/v [b,T,Hkv,K]; got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"expected q [b,T,H,K], k/v [b,T,Hkv,K]; got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}")
     if window < 1 or n_global < 0:
         raise ValueError(f"need window >= 1 and n_global >= 0, got {window}, {n_global}")
 
 
-def _summary_eligible(summaries: ChunkSummaries, doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _summary_eligible(
+    summaries: ChunkSummaries, doc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per summary: may it be seen at all ([b, S] bool), and its document id ([b, S])."""
     T = doc.shape[1]
     start, end = summaries.start, summaries.end
@@ -210,7 +221,9 @@ class _Part(NamedTuple):
     m: torch.Tensor  # [b, n, Hkv, g, W, 1] row max (no gradient); -inf where the row sees nothing
 
 
-def _exp_scores(q_blk: torch.Tensor, k_blk: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _exp_scores(
+    q_blk: torch.Tensor, k_blk: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """exp(q k^T - m) masked [b, n, Hkv, g, W, L] and the row max m [.., W, 1] (-inf: empty row).
 
     Runs without autograd, so the one [.., W, L] tensor is updated in place.
@@ -244,7 +257,7 @@ class _BlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_blk, k_blk, v_blk, mask):  # noqa: ANN001, ANN205 (autograd.Function API)
+    def forward(ctx, q_blk, k_blk, v_blk, mask):
         b, n, w, hkv, g, _ = q_blk.shape
         num = q_blk.new_empty(b, n, hkv, g, w, v_blk.shape[-1])
         den = q_blk.new_empty(b, n, hkv, g, w, 1)
@@ -260,7 +273,7 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_num, g_den, _g_m):  # noqa: ANN001, ANN205
+    def backward(ctx, g_num, g_den, _g_m):
         q_blk, k_blk, v_blk, mask = ctx.saved_tensors
         g_q, g_k, g_v = torch.empty_like(q_blk), torch.empty_like(k_blk), torch.empty_like(v_blk)
         for sl in _block_groups(q_blk, k_blk.shape[2]):
@@ -276,7 +289,9 @@ class _BlockAttention(torch.autograd.Function):
         return g_q, g_k, g_v, None
 
 
-def _attend_part(q_blk: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor, mask: torch.Tensor) -> _Part:
+def _attend_part(
+    q_blk: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor, mask: torch.Tensor
+) -> _Part:
     """Masked attention of query blocks over their own key set, kept unnormalised.
 
     Args:
@@ -300,7 +315,12 @@ def _merge_parts(a: _Part, b: _Part | None) -> torch.Tensor:
 
 
 def _local_part(
-    q_blk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_pad: torch.Tensor, window: int, blk: int
+    q_blk: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_pad: torch.Tensor,
+    window: int,
+    blk: int,
 ) -> _Part:
     """Each query block attends to its own and the previous key block, masked to the window.
 
@@ -346,7 +366,9 @@ def _summary_part(
     bound = (t.clamp(max=T - 1) - window).expand(b, -1).contiguous()
     hi = torch.searchsorted(summaries.end.contiguous(), bound, right=True)  # [b, n*W]
     e_hi = ecount.gather(1, hi)  # [b, n*W]
-    first = torch.searchsorted(ecount, (e_hi - n_global).view(b, n, blk)[:, :, 0].contiguous())  # [b, n]
+    first = torch.searchsorted(
+        ecount, (e_hi - n_global).view(b, n, blk)[:, :, 0].contiguous()
+    )  # [b, n]
     last = hi.view(b, n, blk)[:, :, -1]
     width = int((last - first).max().item())
     if width <= 0:

@@ -24,6 +24,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or directory as an artifact of the run (under ``artifact_path``)."""
 
+    def wait_for_run(self, timeout_s: float) -> str | None:
+        """Wait up to ``timeout_s`` for the run id (created in the background); None if not yet."""
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush what is buffered (bounded in time) and end the run with ``status``."""
 

@@ -7,7 +7,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels.attention import ref as attention_ref
 from kernels.attention import (
     ChunkSummaries,
     build_chunk_summaries,
@@ -16,6 +15,7 @@ from kernels.attention import (
     sparse_global_attention_dense_ref,
     summary_visibility_dense,
 )
+from kernels.attention import ref as attention_ref
 
 F64 = torch.float64
 # fp64 agreement is ~1e-15 in a quiet process; under CPU contention MKL switches code paths and
@@ -28,7 +28,9 @@ def _doc_positions(seq_idx: torch.Tensor | None, b: int, T: int) -> torch.Tensor
     if seq_idx is None:
         return pos
     doc = document_ids(seq_idx, b, T, seq_idx.device)
-    first = torch.full((b, int(doc.max()) + 1), T, dtype=torch.long).scatter_reduce(1, doc, pos, "amin")
+    first = torch.full((b, int(doc.max()) + 1), T, dtype=torch.long).scatter_reduce(
+        1, doc, pos, "amin"
+    )
     return pos - first.gather(1, doc)
 
 
@@ -36,7 +38,10 @@ def _packed_seq_idx(b: int, T: int, gen: torch.Generator) -> torch.Tensor:
     """Random packing: 1-4 documents per row, any lengths (ids need not start at 0)."""
     rows = []
     for _ in range(b):
-        cuts = torch.randperm(T - 1, generator=gen)[: int(torch.randint(0, 4, (1,), generator=gen))] + 1
+        cuts = (
+            torch.randperm(T - 1, generator=gen)[: int(torch.randint(0, 4, (1,), generator=gen))]
+            + 1
+        )
         starts = torch.zeros(T, dtype=torch.long)
         starts[cuts] = 1
         rows.append(starts.cumsum(0) + 7)
@@ -94,7 +99,9 @@ def test_matches_dense_reference_forward_and_backward(case, score_budget):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, g_ref, **TOL, msg=name)
 
-    visible = summary_visibility_dense(summ, document_ids(seq_idx, b, T, q.device), window, n_global)
+    visible = summary_visibility_dense(
+        summ, document_ids(seq_idx, b, T, q.device), window, n_global
+    )
     if n_global > 0 and window + chunk < T // 2:
         assert visible.any(), "case meant to exercise the summary path sees no summary"
         assert grads[3].abs().sum() > 0
@@ -219,7 +226,9 @@ def _largest_in_forward_backward(fn, T: int, window: int, chunk: int, n_global: 
 
 def test_never_allocates_t_by_t():
     T = 4096
-    largest = _largest_in_forward_backward(sparse_global_attention, T, window=64, chunk=16, n_global=16)
+    largest = _largest_in_forward_backward(
+        sparse_global_attention, T, window=64, chunk=16, n_global=16
+    )
     assert largest < T * T / 4, largest
 
 

@@ -1,7 +1,10 @@
 """Every parallel path against the single-process result, with 2 gloo ranks on CPU.
 
-Tolerance: the same global batch gives the same loss and parameters up to fp32 summation order
-(ranks reduce gradients in another order than one process sums them): rtol 1e-5, atol 1e-6.
+Tolerance: the same global batch gives the same losses and gradient norms up to fp32 summation
+order (ranks reduce gradients in another order than one process sums them): rtol 1e-5 on losses,
+1e-4 on grad norms (which also catch a wrong gradient scale, to which Adam itself is blind).
+Parameters after 6 AdamW steps agree to atol 1e-4 (lr 3e-3: a few percent of one step), because
+Adam divides by sqrt(v) and so magnifies rounding in elements whose gradients are near zero.
 Resume within one layout is exact (bitwise).
 """
 
@@ -13,24 +16,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.pretrain.trainer_helpers import losses, run_training
+from tests.pretrain.trainer_helpers import logged_rows, losses, run_training
 
-pytestmark = pytest.mark.distributed
-
-GLOBAL_BATCH_1 = ("train.batch_size=4",)
-GLOBAL_BATCH_2 = ("train.batch_size=2",)  # per rank: 2 ranks x 2 = the same 4 rows per step
+# The Switch balance loss is a product of per-batch means, so a rank's loss on half the batch is
+# not half of the global one: it is switched off where layouts are compared (the z-loss and the
+# bias balancing, which all-reduces its counts, stay on).
+SAME_MATH = ("model.moe.aux_loss_coef=0",)
+GLOBAL_BATCH_1 = ("train.batch_size=4", *SAME_MATH)
+GLOBAL_BATCH_2 = ("train.batch_size=2", *SAME_MATH)  # 2 ranks x 2 = the same 4 rows per step
 
 
 def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final_params.safetensors")
 
 
+def _grad_norms(run_dir: Path) -> list[float]:
+    return [row["grad_norm"] for row in logged_rows(run_dir) if "grad_norm" in row]
+
+
 def _assert_same_training(a: Path, b: Path) -> None:
     torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(_grad_norms(a)), torch.tensor(_grad_norms(b)), rtol=1e-4, atol=1e-6)
     pa, pb = _final_params(a), _final_params(b)
     assert pa.keys() == pb.keys()
     for name in pa:
-        torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 DUMP = {"HYDRA_TEST_DUMP_PARAMS": "1"}

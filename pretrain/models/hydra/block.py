@@ -79,7 +79,7 @@ class GatedPathBlock(nn.Module):
             }
         )
         self.gates = nn.ParameterDict(
-            {name: nn.Parameter(torch.full((), gate_init)) for name in paths} if gated else {}
+            {name: nn.Parameter(torch.full((1,), gate_init)) for name in paths} if gated else {}
         )
         self.parallel = tuple(name for name in parallel if name in paths)
         self.sequential = tuple(name for name in paths if name not in self.parallel)
