@@ -119,3 +119,4 @@ class RunSection:
 
     dir: str = "runs/default"  # checkpoints, MLflow store, config and plots
     name: str | None = None  # MLflow run name (None: the directory name)
+    plot: bool = True  # write plots/training.png at the end (and log it to MLflow)

@@ -32,6 +32,7 @@ from pretrain.loss import IGNORE_INDEX
 from pretrain.metrics import component_metrics, moe_layers, peak_memory_gib
 from pretrain.models.lm import CausalLM
 from pretrain.optim import lr_multiplier
+from pretrain.plots import plot_training_curves, read_metrics
 from pretrain.stop_signal import StopSignal
 
 logger = logging.getLogger("pretrain")
@@ -355,10 +356,13 @@ class Trainer:
         try:
             self.maybe_resume()
             self.tracker = self.tracker_factory(self.state.mlflow_run_id)
-            if self.tracker is not None and self.state.step == 0:
-                self.tracker.log_params(config_to_dict(self.cfg))
+            if self.tracker is not None:
+                if self.state.step == 0:
+                    self.tracker.log_params(config_to_dict(self.cfg))
+                self.tracker.log_artifact(self.run_dir / "config.yaml")  # this start's config
             status = self._loop()
             self.save_checkpoint()
+            self._write_plots()
             return self.history
         finally:
             self.stop.uninstall()
@@ -396,6 +400,19 @@ class Trainer:
         self._open_stage_data(stage)
         if self.tracker is not None:
             self.tracker.log_metrics({"stage": float(stage.index)}, step=self.state.step)
+
+    def _write_plots(self) -> None:
+        """Training curves of the whole run (resumes included) as a PNG, and an MLflow artifact."""
+        if not (self.cfg.run.plot and self.info.is_main):
+            return
+        png = plot_training_curves(
+            read_metrics(self.run_dir / "metrics.jsonl"),
+            self.run_dir / "plots" / "training.png",
+            title=self.cfg.run.name or self.run_dir.name,
+        )
+        self.log(f"training curves: {png}")
+        if self.tracker is not None:
+            self.tracker.log_artifact(png, "plots")
 
     def _stop_requested(self) -> bool:
         return all_reduce_max(1.0 if self.stop.requested else 0.0, self.info) > 0

@@ -167,7 +167,7 @@ def test_unreachable_mlflow_does_not_stop_training(tmp_path: Path) -> None:
 
 def test_mlflow_run_continues_after_resume_without_duplicate_steps(tmp_path: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
-    extra = ("tracking.enabled=true", "tracking.system_metrics=false")
+    extra = ("tracking.enabled=true", "tracking.system_metrics=false", "run.plot=true")
     run_training(tmp_path, *extra, stop_at=3)
     run_training(tmp_path, *extra)
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -176,3 +176,8 @@ def test_mlflow_run_continues_after_resume_without_duplicate_steps(tmp_path: Pat
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == losses(tmp_path)
+    # The resolved config and the training curves (of all 6 steps) are artifacts of that run.
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
+    assert {"config.yaml", "plots/training.png"} <= artifacts
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 10_000

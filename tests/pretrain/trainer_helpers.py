@@ -24,6 +24,7 @@ FAST = [
     "train.warmup_steps=2",
     "train.log_every=1",
     "tracking.enabled=false",
+    "run.plot=false",
     "curriculum.stages=[]",
     "checkpoint.every=0",
 ]
