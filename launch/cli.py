@@ -1,7 +1,7 @@
 """``hydra-pretrain``: the command line.
 
 Subcommands: ``params`` (parameter account of a config), ``train`` (single-process training),
-``prepare`` (text -> webdataset token shards).
+``prepare`` (text -> webdataset token shards), ``eval`` (score a checkpoint on held-out tasks).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import sys
 
 from data_pipeline.prepare import add_prepare_arguments, run_prepare
+from launch.evaluation import add_eval_arguments, run_eval
 from launch.package_check import check_own_packages
 from pretrain.config_errors import ConfigError
 
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenise text into webdataset token shards")
     add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks and shards")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 

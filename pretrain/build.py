@@ -50,6 +50,19 @@ class EngineCheckpoints:
         self.manager.wait()
 
 
+class NoCheckpoints:
+    """``checkpoint.enabled=false``: nothing is written, nothing is ever resumed."""
+
+    def save(self, step: int, extra: dict[str, Any]) -> None:
+        """Write nothing."""
+
+    def load_latest(self) -> None:
+        """There is never anything to resume (a rollback then stops with a clear error)."""
+
+    def wait(self) -> None:
+        """Nothing is pending."""
+
+
 def build_stages(cfg: RunConfig, info: DistInfo) -> list[Stage]:
     rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * info.dp_world
     return resolve_stages(cfg.curriculum, cfg.train.steps, cfg.train.seq_len, rows_per_step)
@@ -96,6 +109,8 @@ def build_engine(cfg: RunConfig, model: CausalLM, info: DistInfo) -> Any:
 
 def build_checkpoints(cfg: RunConfig, engine: Any, run_dir: Path) -> Any:
     ck = cfg.checkpoint
+    if not ck.enabled:
+        return NoCheckpoints()
     if cfg.parallel.backend == "deepspeed":
         from parallel.deepspeed import DeepSpeedCheckpoints
 

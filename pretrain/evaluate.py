@@ -12,12 +12,24 @@ from pretrain.loss import IGNORE_INDEX
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
     """Token-weighted loss and perplexity over ``batches``; answer accuracy where an
-    ``answer_mask`` marks answer positions (exact match of the argmax prediction)."""
+    ``answer_mask`` marks answer positions (exact match of the argmax prediction).
+
+    Batches that also carry ``answer_group`` [B, T] (synthetic streams built with ``meta=True``)
+    add ``eval/answer_accuracy/group{g}`` for every group g seen when there are several (e.g.
+    per domain).
+
+    Returns:
+        ``eval/loss``, ``eval/perplexity``, ``eval/tokens``; with answers also
+        ``eval/answer_accuracy``, ``eval/answers`` (their count) and the per-group accuracies.
+    """
     was_training = model.training
     model.eval()
     loss_sum, tokens, correct, answers = 0.0, 0, 0, 0
+    group_hits: dict[int, list[int]] = {}  # group -> [correct, answers]
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx")).logits.float()
@@ -29,11 +41,30 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], devic
         tokens += int(valid.sum())
         if "answer_mask" in batch:
             mask = batch["answer_mask"] & valid
-            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+            hit = logits.argmax(-1)[mask] == labels[mask]
+            correct += int(hit.sum())
             answers += int(mask.sum())
+            if "answer_group" in batch:
+                _count_groups(group_hits, batch["answer_group"][mask], hit)
     model.train(was_training)
     loss = loss_sum / max(tokens, 1)
-    out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": float(tokens)}
+    out = {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/tokens": float(tokens),
+    }
     if answers:
         out["eval/answer_accuracy"] = correct / answers
+        out["eval/answers"] = float(answers)
+        if len(group_hits) > 1:  # one group is the overall accuracy again
+            for group, (hits, n) in sorted(group_hits.items()):
+                out[f"eval/answer_accuracy/group{group}"] = hits / n
     return out
+
+
+def _count_groups(acc: dict[int, list[int]], groups: torch.Tensor, hit: torch.Tensor) -> None:
+    for group in groups.unique().tolist():
+        sel = groups == group
+        entry = acc.setdefault(int(group), [0, 0])
+        entry[0] += int(hit[sel].sum())
+        entry[1] += int(sel.sum())

@@ -75,6 +75,7 @@ class CheckpointConfig:
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     async_save: bool = False  # stage tensors to CPU and write in the background
     resume: bool = True  # continue from the latest valid checkpoint in the run directory
+    enabled: bool = True  # false: write and read no checkpoint at all (throw-away runs)
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")

@@ -258,7 +258,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Checkpoint the current step (once: a step that is already saved is not saved again)."""
-        if self._saved_step == self.state.step:
+        if self._saved_step == self.state.step or not self.cfg.checkpoint.enabled:
             return
         self._saved_step = self.state.step
         self.state.mlflow_run_id = self._shared_run_id()

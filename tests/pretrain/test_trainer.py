@@ -30,6 +30,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path: Path
     assert len(losses(tmp_path / "full")) == 6
 
 
+def test_checkpoints_disabled_writes_none(tmp_path: Path) -> None:
+    run_training(tmp_path, STAGES, "checkpoint.enabled=false", "checkpoint.every=2")
+    assert len(losses(tmp_path)) == 6
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
+
+
 def test_curriculum_stages_switch_at_configured_steps_and_survive_resume(tmp_path: Path) -> None:
     run_training(tmp_path / "full", STAGES, "checkpoint.keep_last=10")
     stages = [row["stage"] for row in logged_rows(tmp_path / "full") if "loss" in row]

@@ -1,0 +1,91 @@
+"""Smoke test of ``benchmarks/ablations.py``: a few steps of tiny models, JSON, table and plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "ablations.py"
+TINY_MODEL = ["model.n_layers=2", "model.workspace.after_blocks=[1]", "model.pkm.after_blocks=[0]"]
+
+
+def _load_benchmark():  # noqa: ANN202
+    """Import the script by path (``benchmarks`` is no package)."""
+    name = "ablations_benchmark"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+bench = _load_benchmark()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # noqa: ANN201
+    """Tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_tasks_one_seed_write_json_table_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ablations.json"
+    argv = ["--tasks", "domain_mixture", "chaining", "--seeds", "1", "--steps", "3",
+            "--batch-size", "2", "--seq-len", "64", "--eval-batches", "1", "--warmup-steps", "1",
+            "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--model", *TINY_MODEL]  # fmt: skip
+    report = bench.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert {"settings", "variants", "tasks", "runs", "summary", "wall_s"} <= report.keys()
+    expected = {("domain_mixture", v) for v in ("full", "no_moe", "transformer")}
+    expected |= {("chaining", v) for v in ("full", "no_workspace", "transformer")}
+    assert {(r["task"], r["variant"]) for r in report["runs"]} == expected
+    for run in report["runs"]:
+        assert run["tokens"] == 3 * 2 * 64 and math.isfinite(run["loss_last"])
+        for metrics in run["scores"].values():
+            assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(report["runs"][0]["scores"]) == {"domain_mixture"}
+    summary = report["summary"]
+    assert set(summary) == {
+        "domain_mixture accuracy",
+        "domain_mixture expert_mi_bits",
+        "chaining_h2 accuracy",
+        "chaining_h3 accuracy",
+        "chaining_h5 accuracy",
+    }
+    assert summary["domain_mixture expert_mi_bits"]["full"]["mean"] >= 0.0
+    assert summary["domain_mixture expert_mi_bits"]["no_moe"]["mean"] is None  # no experts
+    assert report["variants"]["no_moe"]["how"] == "config override model.moe.enabled=false"
+    hydra, transformer = (report["variants"][v]["params"] for v in ("full", "transformer"))
+    assert abs(transformer - hydra) / hydra < 0.1
+    table = capsys.readouterr().out
+    assert "chaining_h5 accuracy" in table and "n/a" in table and "±" in table
+
+
+def test_plan_trains_the_relevant_variants_unless_asked_for_all() -> None:
+    assert bench.plan_runs(["fact_lookup"], all_variants=False) == [
+        ("fact_lookup", "full"),
+        ("fact_lookup", "no_pkm"),
+        ("fact_lookup", "transformer"),
+    ]
+    assert len(bench.plan_runs(["fact_lookup", "chaining"], all_variants=True)) == 12
+
+
+def test_scale_keeps_memories_at_their_relative_depth() -> None:
+    overrides = dict(o.split("=", 1) for o in bench.scale_overrides(2))
+    assert overrides["model.n_layers"] == "8" and overrides["model.d_model"] == "128"
+    assert overrides["model.workspace.after_blocks"] == "[3]"
+    assert overrides["model.pkm.after_blocks"] == "[5]"
+    assert bench.scale_overrides(1) == []
