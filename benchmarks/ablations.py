@@ -133,6 +133,7 @@ class Settings:
     eval_batches: int
     device: str
     base_config: str
+    labels: str = "all"  # data source labels: loss on every token, or on the answer tokens only
     model_overrides: list[str] = field(default_factory=list)
 
 
@@ -164,7 +165,7 @@ def scale_overrides(scale: int, config: str | Path = BASE_CONFIG) -> list[str]:
 
 def run_overrides(s: Settings, task: AblationTask, seed: int, run_dir: Path) -> list[str]:
     """Overrides shared by every variant of one (task, seed) run."""
-    source = {"name": task.name, **task.source}
+    source = {"name": task.name, **task.source, "labels": s.labels}
     return [
         *s.model_overrides,
         f"data.sources=[{json.dumps(source)}]",
@@ -366,6 +367,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=1, help="model size and steps multiplier")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval task")
     p.add_argument("--all-variants", action="store_true", help="every variant on every task")
+    p.add_argument(
+        "--labels",
+        choices=("all", "answers"),
+        default="all",
+        help="train on every token (default) or on the answer tokens only (data source labels)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--config", default=str(BASE_CONFIG), help="base run config (tiny Hydra)")
     p.add_argument("--model", nargs="*", default=[], help="extra model overrides, model.x=y")
@@ -388,6 +395,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         eval_batches=args.eval_batches,
         device=args.device,
         base_config=args.config,
+        labels=args.labels,
         model_overrides=[*scale_overrides(args.scale, args.config), *args.model],
     )
 

@@ -9,6 +9,7 @@ from typing import Any
 from data_pipeline.errors import DataConfigError
 
 ON_CORRUPT = ("error", "skip")
+SOURCE_LABELS = ("all", "answers")
 
 
 @dataclass
@@ -22,10 +23,23 @@ class SourceConfig:
     weight: float = 1.0  # relative share of samples in a mixture
     seed: int | None = None  # this source's seed; None: the reader seed + the source's index
     name: str | None = None  # label used in logs and metrics (default: path/split or task)
+    # Synthetic tasks: "answers" keeps labels only where they are answer tokens, so the loss is
+    # the task's (random premises and filler are unpredictable and otherwise swamp it).
+    labels: str = "all"  # all | answers
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.task is None):
             raise DataConfigError("data source: give exactly one of 'path' and 'task'")
+        if self.labels not in SOURCE_LABELS:
+            raise DataConfigError(
+                f"data source {self.label}: labels must be one of {list(SOURCE_LABELS)},"
+                f" got {self.labels!r}"
+            )
+        if self.labels == "answers" and self.task is None:
+            raise DataConfigError(
+                f"data source {self.label}: labels=answers needs a synthetic task (shards have"
+                " no answer positions)"
+            )
         if self.weight < 0:
             raise DataConfigError(f"data source {self.label}: weight must be >= 0")
 

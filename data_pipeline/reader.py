@@ -54,7 +54,8 @@ def _build_source(cfg: ReaderConfig, src: SourceConfig, index: int, vocab: int |
 
     if vocab is None:
         raise DataConfigError(f"data source {src.label}: set data.vocab_size for synthetic tasks")
-    return SyntheticSource(build_task(src.task, vocab, **src.task_args), cfg.seq_len, seed)
+    task = build_task(src.task, vocab, **src.task_args)
+    return SyntheticSource(task, cfg.seq_len, seed, answers_only=src.labels == "answers")
 
 
 def _check_manifests(manifests: list[Manifest], vocab_size: int | None) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import numpy as np
 from data_pipeline.errors import CorruptShardError, DataConfigError
 from data_pipeline.shards import Manifest, ShardReader
 from data_pipeline.synthetic import SyntheticTask, pack_row
+from data_pipeline.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +169,26 @@ class ShardSource:
 class SyntheticSource:
     """A synthetic task as a source: global index ``n`` is row ``n`` of the task's stream."""
 
-    def __init__(self, task: SyntheticTask, seq_len: int, seed: int) -> None:
+    def __init__(
+        self, task: SyntheticTask, seq_len: int, seed: int, answers_only: bool = False
+    ) -> None:
         if task.max_len(seq_len) > seq_len:
             raise DataConfigError(f"{task.name}: a problem does not fit in seq_len={seq_len}")
         self.task, self.seq_len, self.seed = task, seq_len, seed
+        self.answers_only = answers_only
         self.skipped = 0
         self.n_per_epoch = None
 
     def fingerprint(self) -> list:
         settings = {f.name: getattr(self.task, f.name) for f in dataclasses.fields(self.task)}
-        return ["synthetic", self.task.name, self.seed, repr(sorted(settings.items()))]
+        fp = ["synthetic", self.task.name, self.seed, repr(sorted(settings.items()))]
+        return [*fp, "answers_only"] if self.answers_only else fp
 
     def sample(self, n: int) -> Row:
         """Row ``n`` of the task's stream."""
         row = pack_row(self.task, self.seq_len, self.seed, n)
+        if self.answers_only:
+            row["labels"] = row["labels"].masked_fill(~row["answer_mask"], IGNORE_INDEX)
         return tuple(row[k].numpy() for k in ("input_ids", "labels", "seq_idx", "answer_mask"))
 
     def close(self) -> None:

@@ -221,6 +221,24 @@ def test_mixture_resume_and_proportions(small_dataset):
         build_reader(_cfg(small_dataset)).load_state_dict(first.state_dict())
 
 
+def test_answer_only_labels_of_a_synthetic_source(small_dataset):
+    def reader(labels: str):
+        source = SourceConfig(task="chaining", task_args={"hops": [2]}, labels=labels)
+        return build_reader(ReaderConfig(sources=[source], batch_size=4, seq_len=64, vocab_size=128))
+
+    full, answers = _take(reader("all"), 3), _take(reader("answers"), 3)
+    for a, b in zip(full, answers):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        mask = a["answer_mask"]
+        assert mask.any()
+        assert torch.equal(b["labels"][mask], a["labels"][mask])
+        assert (b["labels"][~mask] == -100).all() and (a["labels"][~mask] != -100).any()
+    with pytest.raises(DataConfigError, match="labels=answers needs a synthetic task"):
+        SourceConfig(path=str(small_dataset), labels="answers")
+    with pytest.raises(DataConfigError, match="labels must be one of"):
+        SourceConfig(task="chaining", labels="answer")
+
+
 def _damaged_copy(src: Path, dst: Path, how: str) -> str:
     shutil.copytree(src, dst)
     info = Manifest.load(dst).splits["train"][1]
