@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +36,7 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+from benchmarks._measure import median_seconds, peak_bytes  # noqa: E402
 from pretrain.models.common.attention import (  # noqa: E402
     CausalSelfAttention,
     SparseGlobalAttention,
@@ -90,49 +89,6 @@ def build_step(variant: str, args: argparse.Namespace, length: int) -> Callable[
     return step
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_bytes(step: Callable[[], None], device: str) -> int:
-    """Largest bytes allocated above the level live before ``step`` runs."""
-    if device == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated() - base
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    # total_allocated: the allocator's running total since the profiler started, after each event
-    totals = [0]
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            totals.append(node.extra_fields.total_allocated)
-        stack.extend(node.children)
-    return max(totals)
-
-
-def seconds_per_step(step: Callable[[], None], device: str, repeats: int) -> float:
-    """Median over ``repeats`` timed steps after one warm-up (robust to a busy machine)."""
-    step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def print_table(rows: list[dict], ratios: dict[str, float], lengths: list[int]) -> None:
     print(f"\n{'variant':<12} {'L':>6} {'peak MiB':>10} {'ms/step':>10}")
     for r in rows:
@@ -162,7 +118,7 @@ def main() -> None:
         step = build_step(variant, args, length)
         step()  # first call outside the measurement: lazy init, allocator warm-up
         peak = peak_bytes(step, args.device)
-        secs = seconds_per_step(step, args.device, args.repeats)
+        secs = median_seconds(step, args.device, args.repeats, warmup=1)
         rows.append(
             {
                 "variant": variant,

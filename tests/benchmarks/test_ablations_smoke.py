@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "ablations.py"
+from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
+
 TINY_MODEL = ["model.n_layers=2", "model.workspace.after_blocks=[1]", "model.pkm.after_blocks=[0]"]
 
 
-def _load_benchmark():  # noqa: ANN202
-    """Import the script by path (``benchmarks`` is no package)."""
-    name = "ablations_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = _load_benchmark()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+bench = load_benchmark("ablations.py")
 
 
 def test_two_tasks_one_seed_write_json_table_and_plot(

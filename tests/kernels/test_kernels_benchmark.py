@@ -4,38 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.attention.ref import build_chunk_summaries, summary_visibility_dense
+from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-
-
-def _load_benchmark():  # noqa: ANN202
-    """Import the script by path (``benchmarks`` is no package, and the file is named kernels)."""
-    name = "kernels_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = _load_benchmark()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+bench = load_benchmark("kernels.py")
 
 
 def test_main_quick_cpu_writes_every_case(tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Smoke test of ``benchmarks/throughput.py`` on CPU: the 29m configs shrunk by ``--quick``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
+
+_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+bench = load_benchmark("throughput.py")
+
+
+def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    report = bench.main(["--quick", "--device", "cpu", "--lengths", "64", "128", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert {"machine", "settings", "models", "results", "ratios"} <= data.keys()
+    assert data["complete"] is True
+    assert {"platform", "torch", "device", "device_name", "threads"} <= data["machine"].keys()
+    names = ["hydra-29m", "transformer-29m", "mamba2-29m"]
+    assert list(data["models"]) == names
+    assert data["settings"]["baseline"] == "transformer-29m"
+    assert data["settings"]["precision"] == "fp32"
+    cells = [(r["config"], r["length"], r["mode"]) for r in data["results"]]
+    expected = {(n, length, mode) for n in names for length in (64, 128) for mode in bench.MODES}
+    assert sorted(cells) == sorted(expected)
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["batch"] == 256 // row["length"]
+        for key in ("tokens_per_s", "ms_per_step", "flops_per_token"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["peak_mib"] > 0, row
+    ratios = {(r["config"], r["length"], r["mode"]): r for r in data["ratios"]}
+    assert set(ratios) == {c for c in expected if c[0] != "transformer-29m"}
+    for r in ratios.values():
+        for key in ("measured", "predicted", "measured_over_predicted"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    # every Hydra component is in the tiny model and counted
+    hydra_flops = data["models"]["hydra-29m"]["forward_flops_by_component"]["64"]
+    assert {"ssm", "attention", "moe", "ffn", "workspace", "pkm"} <= hydra_flops.keys()
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_failing_cell_is_recorded_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_step = bench.make_step
+
+    def failing_fwd_bwd(model, mode, batch, length, device):  # noqa: ANN001, ANN202
+        if model.cfg.family == "hydra" and mode == "fwd+bwd":
+            raise RuntimeError("simulated out of memory")
+        return make_step(model, mode, batch, length, device)
+
+    monkeypatch.setattr(bench, "make_step", failing_fwd_bwd)
+    configs = [str(_CONFIGS / "transformer-29m.yaml"), str(_CONFIGS / "hydra-29m.yaml")]
+    out, plot = tmp_path / "t.json", tmp_path / "plots" / "t.png"
+    argv = ["--quick", "--configs", *configs, "--lengths", "64", "--out", str(out)]
+    report = bench.main(argv + ["--plot", str(plot)])
+    rows = {(r["config"], r["mode"]): r for r in report["results"]}
+    failed = rows[("hydra-29m", "fwd+bwd")]
+    assert failed["status"] == "error" and "simulated out of memory" in failed["error"]
+    assert failed["flops_per_token"] > 0
+    assert all(r["status"] == "ok" for key, r in rows.items() if key != ("hydra-29m", "fwd+bwd"))
+    ratios = {r["mode"]: r for r in report["ratios"]}
+    assert ratios["fwd+bwd"]["measured"] is None and ratios["fwd+bwd"]["predicted"] > 0
+    assert ratios["fwd"]["measured"] > 0
+    assert plot.stat().st_size > 0
