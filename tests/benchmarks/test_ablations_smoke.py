@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
+from tests.benchmark_scripts import load_benchmark
 
 TINY_MODEL = ["model.n_layers=2", "model.workspace.after_blocks=[1]", "model.pkm.after_blocks=[0]"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 bench = load_benchmark("ablations.py")
 
 

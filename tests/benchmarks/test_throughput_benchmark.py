@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
+from tests.benchmark_scripts import load_benchmark
 
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 bench = load_benchmark("throughput.py")
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kernels.attention.ref import build_chunk_summaries, summary_visibility_dense
-from tests.benchmark_scripts import load_benchmark, one_thread  # noqa: F401
+from tests.benchmark_scripts import load_benchmark
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 bench = load_benchmark("kernels.py")
 
 

@@ -34,13 +34,7 @@ else:
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

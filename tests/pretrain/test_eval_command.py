@@ -25,13 +25,7 @@ TRAIN = [*FAST, "train.steps=4", "checkpoint.every=2", "model.vocab_size=272"]
 QUICK = ["--batches", "1", "--batch-size", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
