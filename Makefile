@@ -24,6 +24,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -28,7 +28,9 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp2(model: nn.Module, info: DistInfo, reshard_after_forward: bool, mixed_precision: bool) -> None:
+def apply_fsdp2(
+    model: nn.Module, info: DistInfo, reshard_after_forward: bool, mixed_precision: bool
+) -> None:
     """Shard every block, then the root, with FSDP2 ``fully_shard`` over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -36,7 +38,9 @@ def apply_fsdp2(model: nn.Module, info: DistInfo, reshard_after_forward: bool, m
     mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp_shard",))
     kwargs = {"mesh": mesh}
     if mixed_precision and info.device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
     for block in model.blocks.values():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
@@ -70,7 +74,9 @@ def parallelize_model(
         apply_compile(model)
     if backend == "fsdp2":
         apply_fsdp2(model, info, reshard_after_forward, mixed_precision)
-        logger.info("FSDP2 over %d ranks (reshard_after_forward=%s)", info.world_size, reshard_after_forward)
+        logger.info(
+            "FSDP2 over %d ranks (reshard_after_forward=%s)", info.world_size, reshard_after_forward
+        )
         return model
     if backend == "ddp" and info.distributed:
         return wrap_ddp(model, info)

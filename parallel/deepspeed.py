@@ -38,11 +38,18 @@ from parallel.dist import DistInfo
 logger = logging.getLogger("parallel")
 
 
-def deepspeed_config(path: str, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool) -> dict:
+def deepspeed_config(
+    path: str, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool
+) -> dict:
     """The JSON config at ``path`` with the trainer-owned fields filled in from the run config."""
     with open(path) as f:
         cfg = json.load(f)
-    owned = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size"}
+    owned = {
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "train_batch_size",
+    }
     clash = sorted(owned & set(cfg))
     if clash:
         raise ValueError(
@@ -148,7 +155,9 @@ class DeepSpeedCheckpoints:
     def _tags(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_")
+        )
 
     def _prune(self, keep: str) -> None:
         for tag in self._tags()[: -self.keep_last]:
@@ -159,7 +168,9 @@ class DeepSpeedCheckpoints:
         tags = self._tags()
         if not tags:
             return None
-        latest = (self.root / "latest").read_text().strip() if (self.root / "latest").exists() else None
+        latest = (
+            (self.root / "latest").read_text().strip() if (self.root / "latest").exists() else None
+        )
         order = ([latest] if latest in tags else []) + [t for t in reversed(tags) if t != latest]
         rank = self.engine.info.rank
         for tag in order:
@@ -170,7 +181,10 @@ class DeepSpeedCheckpoints:
                     raise RuntimeError("DeepSpeed found no checkpoint files")
                 return torch.load(extra_path, weights_only=False)
             except Exception as err:  # noqa: BLE001 - any failure means: try the previous one
-                warnings.warn(f"DeepSpeed checkpoint {self.root / tag} is unusable ({err}); trying the previous one", stacklevel=2)
+                warnings.warn(
+                    f"DeepSpeed checkpoint {self.root / tag} is unusable ({err}); trying the previous one",
+                    stacklevel=2,
+                )
         raise RuntimeError(f"no usable DeepSpeed checkpoint in {self.root} (tried {order})")
 
     def wait(self) -> None:

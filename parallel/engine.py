@@ -19,7 +19,14 @@ from parallel.dist import DistInfo
 class TorchEngine:
     """Plain PyTorch optimizer stepping, with DDP / FSDP2 gradient-sync control."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, backend: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        backend: str,
+    ) -> None:
         self.model = model  # the unwrapped model (FSDP2 shards it in place)
         self.module = module  # what forward is called on (the DDP wrapper for ddp)
         self.optimizer = optimizer

@@ -89,8 +89,14 @@ def build_engine(cfg: RunConfig, model: CausalLM, info: DistInfo) -> Any:
             model, tc.lr, tc.weight_decay, tuple(tc.betas), pkm_value_lr=tc.pkm_value_lr
         )
         return build_deepspeed_engine(
-            model, optimizer, pc.deepspeed_config, tc.batch_size, tc.grad_accum, tc.grad_clip,
-            pc.mixed_precision, info,
+            model,
+            optimizer,
+            pc.deepspeed_config,
+            tc.batch_size,
+            tc.grad_accum,
+            tc.grad_clip,
+            pc.mixed_precision,
+            info,
         )
     module = parallelize_model(
         model,
@@ -165,7 +171,9 @@ def build_trainer(
 
 
 def run_training(
-    cfg: RunConfig, tracker_factory: TrackerFactory | None = None, log: Callable[[str], None] = print
+    cfg: RunConfig,
+    tracker_factory: TrackerFactory | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[dict[str, float]]:
     """Initialise the process group from the launcher's environment, train, shut down."""
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)

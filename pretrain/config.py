@@ -223,7 +223,9 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"{key}.seq_len: exceeds model.max_seq_len={cfg.model.max_seq_len}")
         unknown = sorted(set(stage.mixture) - source_names)
         if unknown:
-            problems.append(f"{key}.mixture: unknown sources {unknown}; known: {sorted(source_names)}")
+            problems.append(
+                f"{key}.mixture: unknown sources {unknown}; known: {sorted(source_names)}"
+            )
         if stage.mixture and sum(stage.mixture.values()) <= 0:
             problems.append(f"{key}.mixture: weights must not all be 0")
     if cfg.parallel.backend == "deepspeed" and cfg.train.compile:

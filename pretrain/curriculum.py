@@ -27,7 +27,9 @@ class StageConfig:
     components: list[str] = field(default_factory=lambda: list(PATH_NAMES))  # paths switched on
     seq_len: int | None = None  # None: train.seq_len
     lr_factor: float = 1.0  # multiplies the scheduled LR
-    mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight (empty: as data)
+    mixture: dict[str, float] = field(
+        default_factory=dict
+    )  # source name -> weight (empty: as data)
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of frozen parameter names
     gate_ramp_steps: int = 0  # paths switched on by this stage ramp in over this many steps
 

@@ -14,9 +14,7 @@ from pretrain.models.common.pkm import ProductKeyMemory
 
 def moe_layers(model: nn.Module) -> dict[str, ChunkMoE]:
     """MoE modules by their block index (``"3"`` for block 3)."""
-    return {
-        name.split(".")[1]: m for name, m in model.named_modules() if isinstance(m, ChunkMoE)
-    }
+    return {name.split(".")[1]: m for name, m in model.named_modules() if isinstance(m, ChunkMoE)}
 
 
 def component_metrics(model: nn.Module) -> dict[str, float]:

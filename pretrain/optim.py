@@ -83,7 +83,10 @@ def lr_multiplier(step: int, train_cfg) -> float:
     """The configured schedule's multiplier at optimizer step ``step`` (0-based)."""
     if train_cfg.schedule == "wsd":
         return warmup_stable_decay(
-            step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio,
+            step,
+            train_cfg.steps,
+            train_cfg.warmup_steps,
+            train_cfg.min_lr_ratio,
             train_cfg.wsd_decay_fraction,
         )
     return cosine_with_warmup(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio)

@@ -61,8 +61,15 @@ def plot_training_curves(rows: list[dict[str, float]], out_path: Path, title: st
         for step, stage in _stage_starts(train):
             ax.axvline(step, color="grey", ls=":", lw=0.8)
             if key == "loss":
-                ax.annotate(f"stage {stage}", (step, 1.0), xycoords=("data", "axes fraction"),
-                            fontsize=7, va="top", rotation=90, color="grey")
+                ax.annotate(
+                    f"stage {stage}",
+                    (step, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    va="top",
+                    rotation=90,
+                    color="grey",
+                )
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)

@@ -291,7 +291,9 @@ class Trainer:
                 f" {self.state.step} and no checkpoint to roll back to"
             )
         kept = self.state
-        self._rollbacks_to[extra["train_state"]["step"]] = self._rollbacks_to.get(extra["train_state"]["step"], 0) + 1
+        self._rollbacks_to[extra["train_state"]["step"]] = (
+            self._rollbacks_to.get(extra["train_state"]["step"], 0) + 1
+        )
         if self._rollbacks_to[extra["train_state"]["step"]] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
             raise RollbackImpossible(
                 f"non-finite losses keep coming back after {MAX_ROLLBACKS_TO_ONE_CHECKPOINT}"
@@ -416,4 +418,3 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         return all_reduce_max(1.0 if self.stop.requested else 0.0, self.info) > 0
-

@@ -224,7 +224,9 @@ def test_mixture_resume_and_proportions(small_dataset):
 def test_answer_only_labels_of_a_synthetic_source(small_dataset):
     def reader(labels: str):
         source = SourceConfig(task="chaining", task_args={"hops": [2]}, labels=labels)
-        return build_reader(ReaderConfig(sources=[source], batch_size=4, seq_len=64, vocab_size=128))
+        return build_reader(
+            ReaderConfig(sources=[source], batch_size=4, seq_len=64, vocab_size=128)
+        )
 
     full, answers = _take(reader("all"), 3), _take(reader("answers"), 3)
     for a, b in zip(full, answers):

@@ -27,7 +27,13 @@ def test_params_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_train_runs_and_loss_goes_down(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
-    overrides = ["train.steps=30", "train.log_every=5", "curriculum.stages=[]", f"run.dir={tmp_path}", "tracking.enabled=false"]
+    overrides = [
+        "train.steps=30",
+        "train.log_every=5",
+        "curriculum.stages=[]",
+        f"run.dir={tmp_path}",
+        "tracking.enabled=false",
+    ]
     assert main(["train", "--config", TINY, *overrides]) == 0
     losses = [
         float(line.split("loss ")[1].split()[0])

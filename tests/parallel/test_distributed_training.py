@@ -35,12 +35,18 @@ def _grad_norms(run_dir: Path) -> list[float]:
 
 
 def _assert_same_training(a: Path, b: Path) -> None:
-    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(_grad_norms(a)), torch.tensor(_grad_norms(b)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(_grad_norms(a)), torch.tensor(_grad_norms(b)), rtol=1e-4, atol=1e-6
+    )
     pa, pb = _final_params(a), _final_params(b)
     assert pa.keys() == pb.keys()
     for name in pa:
-        torch.testing.assert_close(pa[name], pb[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            pa[name], pb[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 DUMP = {"HYDRA_TEST_DUMP_PARAMS": "1"}
@@ -55,7 +61,11 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(
     "backend",
-    ["parallel.backend=fsdp2", "parallel.backend=ddp", "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero3.json"],
+    [
+        "parallel.backend=fsdp2",
+        "parallel.backend=ddp",
+        "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero3.json",
+    ],
     ids=["fsdp2", "ddp", "zero3"],
 )
 def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backend: str) -> None:
@@ -65,7 +75,10 @@ def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backe
 
 @pytest.mark.parametrize(
     "backend",
-    ["parallel.backend=fsdp2", "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero2.json"],
+    [
+        "parallel.backend=fsdp2",
+        "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero2.json",
+    ],
     ids=["fsdp2", "zero2"],
 )
 def test_two_rank_resume_is_exact(tmp_path: Path, backend: str) -> None:
@@ -77,10 +90,14 @@ def test_two_rank_resume_is_exact(tmp_path: Path, backend: str) -> None:
 
 def test_checkpoint_moves_between_world_sizes(tmp_path: Path, single_process: Path) -> None:
     # 2 ranks -> 1 rank: model, optimizer and the data position carry over.
-    run_training(tmp_path / "two_then_one", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3)
+    run_training(
+        tmp_path / "two_then_one", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3
+    )
     run_training(tmp_path / "two_then_one", *GLOBAL_BATCH_1, env=DUMP)
     _assert_same_training(single_process, tmp_path / "two_then_one")
     # 1 rank -> 2 ranks.
     run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_1, stop_at=3)
-    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, env=DUMP)
+    run_training(
+        tmp_path / "one_then_two", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, env=DUMP
+    )
     _assert_same_training(single_process, tmp_path / "one_then_two")

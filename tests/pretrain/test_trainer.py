@@ -143,7 +143,9 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_persistent_nonfinite_loss_stops_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_persistent_nonfinite_loss_stops_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from parallel.dist import DistInfo
     from pretrain.build import build_trainer
     from pretrain.config import load_config
@@ -156,7 +158,9 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_error(tmp_path: Path, monk
         return (math.nan if self.state.step >= 2 else loss), aux, tokens
 
     monkeypatch.setattr(Trainer, "_forward_backward", always_nan_after_2)
-    cfg = load_config(TINY, [*FAST, "train.max_nonfinite=2", "checkpoint.every=2", f"run.dir={tmp_path}"])
+    cfg = load_config(
+        TINY, [*FAST, "train.max_nonfinite=2", "checkpoint.every=2", f"run.dir={tmp_path}"]
+    )
     with pytest.raises(RollbackImpossible, match="non-finite"):
         build_trainer(cfg, DistInfo(), log=lambda m: None).run()
 
