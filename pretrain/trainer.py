@@ -291,13 +291,12 @@ class Trainer:
                 f" {self.state.step} and no checkpoint to roll back to"
             )
         kept = self.state
-        self._rollbacks_to[extra["train_state"]["step"]] = (
-            self._rollbacks_to.get(extra["train_state"]["step"], 0) + 1
-        )
-        if self._rollbacks_to[extra["train_state"]["step"]] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+        target = extra["train_state"]["step"]
+        self._rollbacks_to[target] = self._rollbacks_to.get(target, 0) + 1
+        if self._rollbacks_to[target] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
             raise RollbackImpossible(
                 f"non-finite losses keep coming back after {MAX_ROLLBACKS_TO_ONE_CHECKPOINT}"
-                f" rollbacks to step {extra['train_state']['step']}; giving up (lower the LR,"
+                f" rollbacks to step {target}; giving up (lower the LR,"
                 " check the data)"
             )
         self.state = TrainState(**extra["train_state"])
@@ -323,9 +322,8 @@ class Trainer:
         """After a resume, drop rows of steps the interrupted run did past its last checkpoint."""
         path = self.run_dir / "metrics.jsonl"
         if self.info.is_main and path.exists():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(path) if row["step"] <= step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def _log(self, metrics: dict[str, float]) -> None:
         step = self.state.step
