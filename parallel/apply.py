@@ -1,20 +1,22 @@
-"""Apply parallelism to a single-device model from outside, in a fixed order.
+"""Apply parallelism to a single-device model from outside, one step per function.
 
-Order (as torchtitan documents it): activation checkpointing -> per-block torch.compile ->
-FSDP2 on each block, then the root (or DDP around the whole model). The model code knows nothing
-of it; with one process (backend ``none``) the model is returned as it was.
+The family's ``parallelize_*`` (``pretrain/models/parallelize.py``) calls these in a fixed order:
+expert parallelism (``parallel.expert``) -> context parallelism (next) -> activation
+checkpointing -> per-block torch.compile -> FSDP2 on each block (experts first, on their own
+mesh), then the root; or DDP around the whole model. The model code knows nothing of it; with one
+process the model is returned as it was.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from parallel.dist import DistInfo
-
-logger = logging.getLogger("parallel")
+from parallel.mesh import ParallelMesh
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -29,21 +31,49 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp2(
-    model: nn.Module, info: DistInfo, reshard_after_forward: bool, mixed_precision: bool
+    model: nn.Module,
+    mesh: ParallelMesh,
+    expert_modules: Sequence[nn.Module],
+    reshard_after_forward: bool,
+    mixed_precision: bool,
+    device_type: str,
 ) -> None:
-    """Shard every block, then the root, with FSDP2 ``fully_shard`` over all ranks."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """FSDP2 ``fully_shard``: each EP rank's experts over the expert-sharding mesh, then every
+    block and the root over the FSDP mesh (HSDP when ``dp_replicate > 1``).
+
+    Args:
+        model: the model, with ``blocks`` (an ``nn.ModuleDict``).
+        mesh: the run's mesh (must have more than one rank).
+        expert_modules: the MoE layers' expert modules, already split by ``apply_expert_parallel``
+            when ``ep > 1`` (with ``ep == 1`` they are sharded with their block like any weight).
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3 style).
+        mixed_precision: bf16 parameters and compute with fp32 gradient reduction (CUDA only).
+        device_type: ``cpu`` or ``cuda``.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp_shard",))
-    kwargs = {"mesh": mesh}
-    if mixed_precision and info.device.type == "cuda":
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision and device_type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
+    dims = mesh.dims
+    if dims.ep > 1:
+        for experts in expert_modules:
+            n_local = experts.w1.shape[0] // dims.ep
+            # fewer local experts than sharding ranks: shard each expert's matrix instead
+            dim = 1 if n_local < dims.efsdp else 0
+            fully_shard(
+                experts,
+                mesh=mesh.expert_fsdp,
+                shard_placement_fn=lambda param, dim=dim: Shard(dim),
+                **kwargs,
+            )
+            # the expert gradient already sums the rows of all ep ranks (see parallel.expert)
+            experts.set_gradient_divide_factor(float(dims.dp_world))
     for block in model.blocks.values():
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(block, mesh=mesh.fsdp, **kwargs)
+    fully_shard(model, mesh=mesh.fsdp, **kwargs)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -52,32 +82,3 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
-
-
-def parallelize_model(
-    model: nn.Module,
-    backend: str,
-    info: DistInfo,
-    activation_checkpointing: bool = False,
-    compile_blocks: bool = False,
-    reshard_after_forward: bool = True,
-    mixed_precision: bool = True,
-) -> nn.Module:
-    """Apply the configured parallelism; returns the module to call forward on.
-
-    For ``none`` and ``fsdp2`` that is ``model`` itself (FSDP2 works in place); for ``ddp`` it is
-    the DDP wrapper; ``deepspeed`` is applied by ``parallel.deepspeed`` with its optimizer.
-    """
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile_blocks:
-        apply_compile(model)
-    if backend == "fsdp2":
-        apply_fsdp2(model, info, reshard_after_forward, mixed_precision)
-        logger.info(
-            "FSDP2 over %d ranks (reshard_after_forward=%s)", info.world_size, reshard_after_forward
-        )
-        return model
-    if backend == "ddp" and info.distributed:
-        return wrap_ddp(model, info)
-    return model

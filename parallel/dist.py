@@ -5,31 +5,41 @@ With no launcher variables everything degrades to one process and no process gro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelMesh
 
 
 @dataclass
 class DistInfo:
     """Who this process is. ``dp_rank``/``dp_world`` are the data-parallel coordinates that the
-    data reader shards by (equal to rank/world until expert or context parallelism split them)."""
+    data reader shards by; they come from the device mesh (``with_mesh``) and differ from
+    rank/world once context parallelism puts several ranks on one sample (-1: rank/world)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    dp_rank: int = -1
+    dp_world: int = -1
 
-    @property
-    def dp_rank(self) -> int:
-        return self.rank
+    def __post_init__(self) -> None:
+        if self.dp_rank < 0:
+            self.dp_rank = self.rank
+        if self.dp_world < 0:
+            self.dp_world = self.world_size
 
-    @property
-    def dp_world(self) -> int:
-        return self.world_size
+    def with_mesh(self, mesh: ParallelMesh) -> DistInfo:
+        """This process's info with the data-parallel coordinates of ``mesh``."""
+        return dataclasses.replace(self, dp_rank=mesh.dp_rank, dp_world=mesh.dims.dp_world)
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +53,11 @@ class DistInfo:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
+
+
+def launcher_world_size() -> int:
+    """WORLD_SIZE from the launcher's environment (1 without a launcher), before any init."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:

@@ -1,8 +1,9 @@
-"""The small interface the trainer steps through, one implementation per backend family.
+"""The step engines of the torch backends: optimizer stepping and gradient-sync control.
 
-``TorchEngine`` serves ``none``, ``ddp`` and ``fsdp2``; ``parallel.deepspeed`` provides the
-DeepSpeed one. The loop calls: ``accumulate(is_last)`` around each micro-batch's forward and
-backward, ``clip_grad_norm``, ``step``.
+``TorchEngine`` serves one process (``none``); ``DDPEngine`` and ``FSDPEngine`` add their
+gradient-sync switch; ``parallel.deepspeed`` provides the DeepSpeed one. The loop calls:
+``accumulate(is_last)`` around each micro-batch's forward and backward, ``clip_grad_norm``,
+``step`` (or ``skip_step``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,18 @@ import torch
 from torch import nn
 
 from parallel.dist import DistInfo
+from parallel.grad_norm import clip_grad_norm
 
 
 class TorchEngine:
-    """Plain PyTorch optimizer stepping, with DDP / FSDP2 gradient-sync control."""
+    """Plain PyTorch optimizer stepping (one process, or FSDP2 and DDP through subclasses).
+
+    Args:
+        model: the unwrapped model (FSDP2 shards it in place).
+        module: what forward is called on (the DDP wrapper for ddp, else ``model``).
+        optimizer: its optimizer.
+        info: this process.
+    """
 
     def __init__(
         self,
@@ -25,34 +34,22 @@ class TorchEngine:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         info: DistInfo,
-        backend: str,
     ) -> None:
-        self.model = model  # the unwrapped model (FSDP2 shards it in place)
-        self.module = module  # what forward is called on (the DDP wrapper for ddp)
+        self.model = model
+        self.module = module
         self.optimizer = optimizer
         self.info = info
-        self.backend = backend
 
     @contextlib.contextmanager
     def accumulate(self, is_last: bool) -> Iterator[None]:
-        """Synchronise gradients across ranks only on the last micro-batch of a step."""
-        if self.backend == "ddp" and self.info.distributed and not is_last:
-            with self.module.no_sync():
-                yield
-            return
-        if self.backend == "fsdp2":
-            self.model.set_requires_gradient_sync(is_last)
+        """Around one micro-batch; gradients synchronise on the last one (nothing to do here)."""
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+        return clip_grad_norm(self.model.parameters(), max_norm)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -64,3 +61,24 @@ class TorchEngine:
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+
+class DDPEngine(TorchEngine):
+    """DDP: no all-reduce on micro-batches before the last one of a step."""
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        if is_last or not self.info.distributed:
+            yield
+            return
+        with self.module.no_sync():
+            yield
+
+
+class FSDPEngine(TorchEngine):
+    """FSDP2: reduce-scatter gradients only on the last micro-batch of a step."""
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(is_last)
+        yield

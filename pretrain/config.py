@@ -18,6 +18,7 @@ import yaml
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataConfigError
+from parallel.dims import DIM_KEYS, ParallelDims, layout_problems
 from pretrain.config_errors import ConfigError
 from pretrain.curriculum import CurriculumConfig, StageConfig
 from pretrain.data_config import DataConfig
@@ -230,7 +231,38 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"{key}.mixture: weights must not all be 0")
     if cfg.parallel.backend == "deepspeed" and cfg.train.compile:
         problems.append("train.compile: not supported with parallel.backend=deepspeed")
+    problems += parallel_layout_problems(cfg, world_size=None)[0]
     return problems
+
+
+def moe_experts_per_layer(cfg: RunConfig) -> int | None:
+    """Experts per MoE layer, or None when the model has no MoE layer."""
+    model = cfg.model
+    return model.moe.n_experts if model.family == "hydra" and model.moe.enabled else None
+
+
+def parallel_layout_problems(
+    cfg: RunConfig, world_size: int | None
+) -> tuple[list[str], dict[str, int]]:
+    """Problems of ``cfg.parallel``'s layout (on ``world_size`` ranks, when known) and the sizes
+    with ``-1`` filled in."""
+    pc = cfg.parallel
+    sizes = {k: getattr(pc, k) for k in DIM_KEYS}
+    return layout_problems(sizes, world_size, pc.backend, moe_experts_per_layer(cfg))
+
+
+def resolve_parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
+    """The validated layout of ``cfg`` on ``world_size`` ranks.
+
+    Raises:
+        ConfigError: naming every key of an impossible layout (before anything is built).
+    """
+    problems, sizes = parallel_layout_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(
+            f"impossible parallel layout on {world_size} ranks:\n  - " + "\n  - ".join(problems)
+        )
+    return ParallelDims(**sizes)
 
 
 def validate_run_config(cfg: RunConfig) -> None:

@@ -70,7 +70,7 @@ def component_flops_per_token(model: CausalLM, seq_len: int) -> dict[str, float]
             elif isinstance(m, CausalSelfAttention):
                 add("attention", _attention_flops(m, cfg.d_model, (seq_len + 1) / 2))
             elif isinstance(m, ChunkMoE):
-                experts = m.w1.numel() + m.w2.numel() + m.w3.numel()
+                experts = sum(w.numel() for w in (m.experts.w1, m.experts.w2, m.experts.w3))
                 add("moe", 2 * (m.router.weight.numel() + experts * m.cfg.top_k / m.cfg.n_experts))
             elif isinstance(m, ProductKeyMemory):
                 rows = m.n_heads * m.top_k

@@ -18,9 +18,10 @@ def moe_layers(model: nn.Module) -> dict[str, ChunkMoE]:
 
 
 def component_metrics(model: nn.Module) -> dict[str, float]:
-    """Per-expert load (fraction of tokens, per MoE layer), PKM usage and gate values.
+    """Per-expert load (fraction of tokens, per MoE layer, over every routing rank), tokens per
+    EP rank, PKM usage and gate values.
 
-    Call before the MoE routing-bias update (which resets the load counters).
+    Call after the components' after-optimizer-step hooks (which sum the MoE load over ranks).
     """
     out: dict[str, float] = {}
     for layer, moe in moe_layers(model).items():
@@ -29,6 +30,7 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
             for e, frac in enumerate(load.tolist()):
                 out[f"moe/L{layer}/expert{e}"] = frac
             out[f"moe/L{layer}/max_over_mean"] = float(load.max() / load.mean())
+            out.update(_tokens_per_ep_rank(layer, moe))
     for name, m in model.named_modules():
         if isinstance(m, ProductKeyMemory):
             out[f"pkm/L{name.split('.')[1]}/key_usage"] = float(m.key_usage())
@@ -38,6 +40,16 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
             value = gate.full_tensor() if hasattr(gate, "full_tensor") else gate
             out[f"gate/L{bname}/{path}"] = float(value.detach().float())
     return out
+
+
+def _tokens_per_ep_rank(layer: str, moe: ChunkMoE) -> dict[str, float]:
+    """(token, slot) rows each EP rank computed in the last step, averaged over EP groups."""
+    ep = getattr(moe.dispatcher, "ep_size", 1)
+    if ep == 1 or moe.reducer is None:
+        return {}
+    groups = moe.reducer.n_ranks // ep  # EP groups among the data-parallel ranks
+    per_rank = moe.step_load.view(ep, -1).sum(1) / groups
+    return {f"moe/L{layer}/tokens_ep_rank{r}": float(n) for r, n in enumerate(per_rank)}
 
 
 def peak_memory_gib(device: torch.device) -> float:

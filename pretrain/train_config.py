@@ -87,9 +87,17 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data-parallel backend (FSDP2 or DeepSpeed ZeRO), chosen per run."""
+    """Data-parallel backend (FSDP2 or DeepSpeed ZeRO) and the layout of the device mesh.
+
+    dp_replicate x dp_shard x cp must equal the world size (-1 on one of them: fill it in);
+    ep ranks are carved out of dp_shard (see ``parallel.dims``). Explained in docs/parallelism.md.
+    """
 
     backend: str = "none"  # none | ddp | fsdp2 | deepspeed
+    dp_replicate: int = 1  # HSDP replicas (fsdp2): each holds one FSDP-sharded copy
+    dp_shard: int = -1  # FSDP ranks sharding the dense parameters (-1: the rest of the world)
+    cp: int = 1  # context-parallel ranks per sequence (not implemented yet: must be 1)
+    ep: int = 1  # expert-parallel ranks (fsdp2), a divisor of dp_shard and model.moe.n_experts
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage and options
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 style)
     mixed_precision: bool = True  # bf16 params/compute with fp32 reduce, on CUDA only

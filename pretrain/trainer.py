@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from data_pipeline.reader import StreamingReader, build_reader
+from parallel.comm import CommStats
 from parallel.dist import DistInfo, all_reduce_max, all_reduce_mean
+from pretrain.backend import CheckpointStore, StepEngine, iter_after_step_hooks
 from pretrain.checkpoint import capture_rng_state, restore_rng_state
 from pretrain.config import RunConfig, config_to_dict
 from pretrain.curriculum import Stage, apply_stage
@@ -29,7 +31,7 @@ from pretrain.data_config import reader_config
 from pretrain.evaluate import evaluate
 from pretrain.flops import count_flops, device_peak_flops
 from pretrain.loss import IGNORE_INDEX
-from pretrain.metrics import component_metrics, moe_layers, peak_memory_gib
+from pretrain.metrics import component_metrics, peak_memory_gib
 from pretrain.models.lm import CausalLM
 from pretrain.optim import lr_multiplier
 from pretrain.plots import plot_training_curves, read_metrics
@@ -41,6 +43,23 @@ EVAL_SEED_OFFSET = 1_000_003  # synthetic held-out data: a seed no training stag
 STAGE_SEED_STRIDE = 1_000  # each stage reads its own sample order
 RUN_ID_WAIT_S = 10.0  # at a checkpoint, how long to wait for a new MLflow run's id
 MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 2  # then non-finite losses are not transient: stop
+
+
+class Tracker(Protocol):
+    """The experiment tracker (``launch.tracking``): asynchronous, never blocks training."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def wait_for_run(self, timeout_s: float) -> str | None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class RollbackImpossible(RuntimeError):
@@ -66,13 +85,14 @@ class Trainer:
     cfg: RunConfig
     info: DistInfo
     model: CausalLM
-    engine: Any  # parallel.engine.TorchEngine or parallel.deepspeed.DeepSpeedEngine
+    engine: StepEngine
     stages: list[Stage]
-    checkpoints: Any  # save(step, extra) / load_latest() -> extra | None / wait()
-    tracker_factory: Callable[[str | None], Any]  # MLflow run id to continue -> tracker
+    checkpoints: CheckpointStore
+    tracker_factory: Callable[[str | None], Tracker | None]  # MLflow run id to continue
     run_dir: Path
     log: Callable[[str], None] = print
-    tracker: Any = None
+    tracker: Tracker | None = None
+    comm: CommStats = field(default_factory=CommStats)  # bytes per process group, per step
     state: TrainState = field(default_factory=TrainState)
     history: list[dict[str, float]] = field(default_factory=list)
     reader: StreamingReader | None = None
@@ -161,14 +181,14 @@ class Trainer:
             loss_sum += token_loss.item()
             aux_sum += aux.item()
         loss = self._global_count(loss_sum) / global_tokens
-        return loss, aux_sum, local_tokens
+        # the MoE aux loss is a function of the global batch; its mean over ranks is its value
+        aux_mean = all_reduce_mean(aux_sum, self.info)
+        return loss, aux_mean, local_tokens
 
-    def _update_routing_biases(self) -> None:
-        """Once per optimizer step: all ranks agree on the load, then each MoE moves its bias."""
-        for moe in moe_layers(self.model).values():
-            if self.info.distributed:
-                dist.all_reduce(moe.tokens_per_expert)
-            moe.update_routing_bias()
+    def _after_optimizer_step(self, stepped: bool) -> None:
+        """Components' once-per-step work (MoE: global load, routing-bias update)."""
+        for hook in iter_after_step_hooks(self.model):
+            hook(stepped)
 
     def train_step(self, stage: Stage) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -183,7 +203,6 @@ class Trainer:
         if finite:
             grad_norm = self.engine.clip_grad_norm(tc.grad_clip)
             finite = math.isfinite(grad_norm)
-        component = component_metrics(self.model) if self._is_log_step() else {}
         if finite:
             self.engine.step()
             self.state.nonfinite_streak = 0
@@ -191,7 +210,10 @@ class Trainer:
             self.engine.skip_step()
             self.state.nonfinite_streak += 1
             self.state.skipped_steps += 1
-        self._update_routing_biases()
+        self._after_optimizer_step(stepped=finite)
+        component = component_metrics(self.model) if self._is_log_step() else {}
+        component.update(self.comm.metrics())
+        self.comm.reset()
         tokens = sum(b["input_ids"].numel() for b in micro) * self.info.dp_world
         self.state.step += 1
         self.state.tokens += tokens

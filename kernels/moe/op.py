@@ -14,23 +14,29 @@ enabled autocast their matmuls run in the autocast dtype (bf16), as autocast wou
 (torch's grouped_mm kernel and the CUTLASS grouped GEMM accept nothing else): a float32 input
 outside autocast is an error there, never a silent cast.
 
-The megablocks path (CUDA only, not tested here): megablocks' radix sort and histogram order the
-(token, slot) pairs by expert, ``megablocks.ops.gather`` permutes the rows, and
-``grouped_gemm.ops.gmm`` (the grouped GEMM megablocks' dMoE uses in its grouped mode) runs each
-expert on its slice. The weighted un-permute is the same fp32 scatter-add as the other paths
-(megablocks' ``scatter`` kernel would combine in the activation dtype).
+Every backend shares the permutation (``sort_by_expert``: a stable sort of the (token, slot)
+pairs by expert) and the weighted fp32 scatter-add that combines them (``combine_pairs``); only
+the expert matmuls on the sorted rows (``swiglu_experts``) differ. Expert parallelism sends the
+sorted rows to the rank of their expert between the two. The megablocks path (CUDA only, not
+tested here) runs ``grouped_gemm.ops.gmm``, the grouped GEMM megablocks' dMoE uses in its
+grouped mode, on the sorted rows.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 import torch.nn.functional as F
 
 from kernels.backends import BackendUnavailableError, import_problem
-from kernels.moe.ref import _check_shapes, _combine, moe_experts_grouped_mm, moe_experts_sorted
+from kernels.moe.ref import (
+    _check_shapes,
+    combine_pairs,
+    sort_by_expert,
+    swiglu_experts_grouped_mm,
+    swiglu_experts_loop,
+)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,43 +54,64 @@ def _check_cuda_bf16(x: torch.Tensor, backend: str) -> None:
         )
 
 
-def _load_megablocks() -> tuple[object, object]:
-    """(``megablocks.ops``, ``grouped_gemm.ops``), or ``BackendUnavailableError``."""
+def _load_grouped_gemm() -> object:
+    """``grouped_gemm.ops`` (the grouped GEMM megablocks' dMoE uses), or ``BackendUnavailableError``."""
     for module, attr in (("megablocks.ops", "gather"), ("grouped_gemm", "ops")):
         problem = import_problem(module, attr)
         if problem is not None:
             raise BackendUnavailableError("moe", "megablocks", problem)
-    mb_ops = importlib.import_module("megablocks.ops")
-    return mb_ops, importlib.import_module("grouped_gemm").ops
+    return importlib.import_module("grouped_gemm").ops
 
 
-def _moe_experts_megablocks(
-    x: torch.Tensor,
-    expert_idx: torch.Tensor,
-    weights: torch.Tensor,
+def _swiglu_experts_megablocks(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
     w1: torch.Tensor,
     w3: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor:
-    """megablocks' permutation kernels + grouped GEMM; same op as ``moe_experts_sorted``."""
-    _check_shapes(x, expert_idx, weights, w1, w3, w2)
-    mb_ops, gg_ops = _load_megablocks()
-    n_experts, top_k = w1.shape[0], expert_idx.shape[1]
-    flat_expert = expert_idx.reshape(-1).int()  # [M], pair p = token * k + slot
-    with torch.no_grad():
-        end_bit = max(math.ceil(math.log2(n_experts)), 1)  # bits the radix sort must look at
-        bin_ids, order = mb_ops.sort(flat_expert, end_bit)  # pairs sorted by expert
-        counts = mb_ops.histogram(flat_expert, n_experts)  # [E] pairs per expert
-        bins = mb_ops.inclusive_cumsum(counts, 0).reshape(-1)  # end of each expert's slice
-    x_sorted = mb_ops.gather(x.contiguous(), order, bin_ids, bins, top_k)  # [M, D]
+    """megablocks' grouped GEMM (``grouped_gemm.ops.gmm``) over expert-sorted rows."""
+    gg_ops = _load_grouped_gemm()
     batch_sizes = counts.cpu().to(torch.long)  # grouped_gemm takes the group sizes on the host
-    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (w.to(x_sorted.dtype) for w in (w1, w3, w2))
     hidden = F.silu(gg_ops.gmm(x_sorted, w1, batch_sizes)) * gg_ops.gmm(x_sorted, w3, batch_sizes)
-    out = gg_ops.gmm(hidden, w2, batch_sizes)  # [M, D]
-    order = order.long()
-    token_of_pair = order // top_k
-    weight_of_pair = weights.reshape(-1).index_select(0, order)
-    return _combine(x, [out], weight_of_pair, token_of_pair)
+    return gg_ops.gmm(hidden, w2, batch_sizes)  # [M, D]
+
+
+def swiglu_experts(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """SwiGLU experts over rows already grouped by expert, on the chosen backend.
+
+    This is the part of the op that expert parallelism runs on each rank, between dispatch and
+    combine: the rows a rank receives are grouped by its local experts.
+
+    Args:
+        x_sorted: [M, D] rows grouped by expert (expert e owns the e-th contiguous slice).
+        counts: [E] rows per expert (sums to M; zeros allowed).
+        w1, w3: [E, D, F]; w2: [E, F, D].
+        backend: ``torch`` | ``grouped_mm`` | ``megablocks``.
+
+    Returns:
+        [M, D] expert outputs, row for row (``x_sorted``'s dtype for torch; the matmul dtype for
+        the grouped backends, see the module docstring).
+    """
+    if backend == "torch":
+        return swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+    if backend not in ("grouped_mm", "megablocks"):
+        raise ValueError(f"unknown moe backend '{backend}'; known: torch, grouped_mm, megablocks")
+    x_mm = x_sorted.to(_matmul_dtype(x_sorted))
+    _check_cuda_bf16(x_mm, backend)
+    if backend == "grouped_mm":
+        return swiglu_experts_grouped_mm(x_mm, counts, w1, w3, w2)
+    if x_mm.shape[0] == 0:
+        return x_mm.new_zeros((0, w2.shape[2]))
+    return _swiglu_experts_megablocks(x_mm, counts, w1, w3, w2)
 
 
 def moe_experts(
@@ -96,7 +123,7 @@ def moe_experts(
     w2: torch.Tensor,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """Dropless MoE expert compute on the chosen backend.
+    """Dropless MoE expert compute on the chosen backend: sort, ``swiglu_experts``, combine.
 
     Args:
         x: [n, D] token features.
@@ -115,14 +142,8 @@ def moe_experts(
         BackendUnavailableError: megablocks cannot be imported.
         ValueError: unknown backend, or inputs the backend's kernels do not accept.
     """
-    if backend == "torch":
-        return moe_experts_sorted(x, expert_idx, weights, w1, w3, w2)
-    if backend == "grouped_mm":
-        x_mm = x.to(_matmul_dtype(x))
-        _check_cuda_bf16(x_mm, backend)
-        return moe_experts_grouped_mm(x_mm, expert_idx, weights, w1, w3, w2)
-    if backend == "megablocks":
-        x_mm = x.to(_matmul_dtype(x))
-        _check_cuda_bf16(x_mm, backend)
-        return _moe_experts_megablocks(x_mm, expert_idx, weights, w1, w3, w2)
-    raise ValueError(f"unknown moe backend '{backend}'; known: torch, grouped_mm, megablocks")
+    _check_shapes(x, expert_idx, weights, w1, w3, w2)
+    token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
+    x_sorted = x.index_select(0, token_of_pair)  # [M, D]
+    out_sorted = swiglu_experts(x_sorted, counts, w1, w3, w2, backend=backend)
+    return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)

@@ -83,7 +83,7 @@ def moe_experts_loop_ref(
     return torch.stack(rows)
 
 
-def _sort_by_expert(
+def sort_by_expert(
     expert_idx: torch.Tensor, weights: torch.Tensor, n_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs by expert.
@@ -99,6 +99,37 @@ def _sort_by_expert(
     weight_of_pair = weights.reshape(-1).index_select(0, order)
     counts = torch.bincount(flat_expert, minlength=n_experts)
     return token_of_pair, weight_of_pair, counts
+
+
+def swiglu_experts_loop(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Each expert on its contiguous slice of expert-sorted rows: one matmul chain per expert.
+
+    Args:
+        x_sorted: [M, D] rows grouped by expert (expert e owns the e-th slice).
+        counts: [E] rows per expert (sums to M).
+        w1, w3: [E, D, F]; w2: [E, F, D].
+
+    Returns:
+        [M, D] expert outputs, row for row.
+    """
+    outs = []
+    start = 0
+    # one host sync for the ragged sizes; the loop skips empty experts entirely
+    for e, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        x_e = x_sorted[start : start + count]
+        outs.append((F.silu(x_e @ w1[e]) * (x_e @ w3[e])) @ w2[e])
+        start += count
+    if not outs:
+        return x_sorted.new_zeros((0, w2.shape[2]))
+    return torch.cat(outs)
 
 
 def moe_experts_sorted(
@@ -124,30 +155,31 @@ def moe_experts_sorted(
         accumulate bf16 expert outputs in fp32 under autocast).
     """
     _check_shapes(x, expert_idx, weights, w1, w3, w2)
-    token_of_pair, weight_of_pair, counts = _sort_by_expert(expert_idx, weights, w1.shape[0])
+    token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
     x_sorted = x.index_select(0, token_of_pair)  # [M, D]
-    outs = []
-    start = 0
-    # one host sync for the ragged sizes; the loop skips empty experts entirely
-    for e, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        x_e = x_sorted[start : start + count]
-        outs.append((F.silu(x_e @ w1[e]) * (x_e @ w3[e])) @ w2[e])
-        start += count
-    return _combine(x, outs, weight_of_pair, token_of_pair)
+    out_sorted = swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+    return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)
 
 
-def _combine(
+def combine_pairs(
     x: torch.Tensor,
-    outs: list[torch.Tensor],
+    out_sorted: torch.Tensor,
     weight_of_pair: torch.Tensor,
     token_of_pair: torch.Tensor,
 ) -> torch.Tensor:
-    """Scale the sorted expert outputs by their weights and scatter-add them onto their tokens."""
-    if not outs:
+    """Scale the sorted expert outputs by their weights and scatter-add them onto their tokens.
+
+    Args:
+        x: [n, D] the token features (for the output's shape).
+        out_sorted: [M, D] expert output of each sorted (token, slot) pair.
+        weight_of_pair, token_of_pair: [M] from ``sort_by_expert``.
+
+    Returns:
+        [n, D] in the promoted dtype of the outputs and the weights.
+    """
+    if out_sorted.shape[0] == 0:
         return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weight_of_pair.dtype))
-    out_sorted = torch.cat(outs) * weight_of_pair[:, None]  # [M, D]
+    out_sorted = out_sorted * weight_of_pair[:, None]  # [M, D]
     y = out_sorted.new_zeros(x.shape)
     return y.index_add_(0, token_of_pair, out_sorted)
 
@@ -199,14 +231,32 @@ def moe_experts_grouped_mm(
     problem = grouped_mm_problem(x, w1)
     if problem is not None:
         raise ValueError(f"moe_experts_grouped_mm: {problem}; use moe_experts_sorted")
-    token_of_pair, weight_of_pair, counts = _sort_by_expert(expert_idx, weights, w1.shape[0])
-    if token_of_pair.numel() == 0:
-        return _combine(x, [], weight_of_pair, token_of_pair)
-    offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice; empty slices allowed
+    token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
     x_sorted = x.index_select(0, token_of_pair)  # [M, D]
-    w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
+    out_sorted = swiglu_experts_grouped_mm(x_sorted, counts, w1, w3, w2)
+    return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)
+
+
+def swiglu_experts_grouped_mm(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """``swiglu_experts_loop`` with one ``grouped_mm`` per weight matrix (runs in x's dtype).
+
+    Raises:
+        ValueError: when ``grouped_mm`` cannot run on these inputs (``grouped_mm_problem``).
+    """
+    problem = grouped_mm_problem(x_sorted, w1)
+    if problem is not None:
+        raise ValueError(f"swiglu_experts_grouped_mm: {problem}; use swiglu_experts_loop")
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros((0, w2.shape[2]))
+    offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice; empty slices allowed
+    w1, w3, w2 = (w.to(x_sorted.dtype) for w in (w1, w3, w2))
     hidden = F.silu(_GROUPED_MM(x_sorted, w1, offs=offs)) * _GROUPED_MM(x_sorted, w3, offs=offs)
-    out = _GROUPED_MM(hidden, w2, offs=offs)  # [M, D]
     # grouped_mm's backward rejects zero-stride gradients (e.g. from y.sum()); the gradient that
-    # reaches it here is always dense because _combine multiplies by the per-pair weights first
-    return _combine(x, [out], weight_of_pair, token_of_pair)
+    # reaches it here is always dense because combine_pairs multiplies by the per-pair weights
+    return _GROUPED_MM(hidden, w2, offs=offs)  # [M, D]

@@ -24,7 +24,8 @@ def _moe(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> Chun
 
 
 def _expert(moe: ChunkMoE, e: int, x_t: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x_t @ moe.w1[e]) * (x_t @ moe.w3[e])) @ moe.w2[e]
+    ex = moe.experts
+    return (F.silu(x_t @ ex.w1[e]) * (x_t @ ex.w3[e])) @ ex.w2[e]
 
 
 @torch.no_grad()
@@ -170,7 +171,7 @@ def test_router_gets_gradient_from_combine_weights() -> None:
     moe = _moe(torch.float32, aux_loss_coef=0.0, z_loss_coef=0.0)
     y, _ = moe(torch.randn(2, 8, D))
     y.square().sum().backward()
-    for p in (moe.router.weight, moe.w1, moe.w2, moe.w3):
+    for p in (moe.router.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -192,16 +193,21 @@ def test_bias_update_once_per_step_and_towards_balance() -> None:
     moe(x)  # second micro-batch: counts accumulate, bias untouched
     torch.testing.assert_close(moe.tokens_per_expert, 2 * single)
     assert torch.equal(moe.expert_bias, torch.zeros(4))
+    assert moe.expert_load().sum() == 0  # no optimizer step yet
+    moe.after_optimizer_step(stepped=False)  # a skipped step: counts dropped, bias untouched
+    assert torch.equal(moe.expert_bias, torch.zeros(4)) and moe.tokens_per_expert.sum() == 0
+    moe(x)
+    moe(x)
+    moe.after_optimizer_step(stepped=True)
     torch.testing.assert_close(moe.expert_load(), single / single.sum())
-    moe.update_routing_bias()
     torch.testing.assert_close(moe.expert_bias, 0.05 * torch.sign(single.mean() - single))
-    assert moe.tokens_per_expert.sum() == 0 and moe.expert_load().sum() == 0
+    assert moe.tokens_per_expert.sum() == 0
     bias_after_one = moe.expert_bias.clone()
-    moe.update_routing_bias()  # no forward since: nothing recorded, nothing moves
+    moe.after_optimizer_step(stepped=True)  # no forward since: nothing recorded, nothing moves
     assert torch.equal(moe.expert_bias, bias_after_one)
     for _ in range(40):
         moe(x)
-        moe.update_routing_bias()
+        moe.after_optimizer_step(stepped=True)
     assert start >= 1.8 and imbalance() < 1.4
     # eval forwards do not record load
     moe.eval()
@@ -250,8 +256,9 @@ def test_meta_build_and_init_weights() -> None:
         moe = ChunkMoE(D, cfg)
     moe.to_empty(device="cpu")
     moe.init_weights(0.02)
-    assert moe.w1.shape == (3, D, 6) and moe.w2.shape == (3, 6, D)
+    assert moe.experts.w1.shape == (3, D, 6) and moe.experts.w2.shape == (3, 6, D)
     assert torch.equal(moe.expert_bias, torch.zeros(3))
     assert "expert_bias" in moe.state_dict() and "tokens_per_expert" not in moe.state_dict()
-    assert moe.w1.abs().max() <= 0.06 and 0.01 < moe.router.weight.std() < 0.04
-    assert {n for n, _ in moe.named_parameters()} == {"router.weight", "w1", "w3", "w2"}
+    assert moe.experts.w1.abs().max() <= 0.06 and 0.01 < moe.router.weight.std() < 0.04
+    expected = {"router.weight", "experts.w1", "experts.w3", "experts.w2"}
+    assert {n for n, _ in moe.named_parameters()} == expected

@@ -16,17 +16,26 @@ Router (fp32, no bias): ``logits = x_first @ W_r^T``; ``scores = softmax(logits)
 ``expert_bias`` (DeepSeek-V3 aux-loss-free balancing) changes only *which* experts are chosen. The
 combine weights are the chosen scores renormalised to sum to 1, for both score functions (for
 softmax: the top-k probabilities divided by their sum).
+
+Communication goes through two small interfaces that ``parallel/`` installs from outside (model
+code imports nothing from ``torch.distributed``); both default to one process:
+- ``dispatcher`` (``ExpertDispatcher``): sends the expert-sorted rows to the ranks that hold their
+  experts and brings the outputs back (expert parallelism). ``LOCAL_EXPERTS`` does nothing.
+- ``reducer`` (``RankReducer``): sums routing statistics over every rank that routes tokens, so
+  that the balance loss, the z-loss and the routing-bias update are functions of the global
+  batch, as in one process. ``None``: this process is the whole batch.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe.op import moe_experts
+from kernels.moe.op import swiglu_experts
+from kernels.moe.ref import combine_pairs, sort_by_expert
 from pretrain.models.common.documents import positions_in_document
 from pretrain.models.config import MoEConfig
 
@@ -39,6 +48,74 @@ class MoERouting(NamedTuple):
     weights: torch.Tensor  # [U, k] combine weights of each unit (sum to 1 per unit)
     logits: torch.Tensor  # [U, E] router logits
     probs: torch.Tensor  # [U, E] router probabilities (sum to 1 per unit), for the balance loss
+
+
+class ExpertDispatcher(Protocol):
+    """Moves expert-sorted rows to the rank of their expert and the outputs back."""
+
+    def dispatch(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """[M, D] rows grouped by global expert, [E] counts -> (rows for this rank's experts
+        grouped by local expert, their [E_local] counts, a handle for ``combine``)."""
+        ...
+
+    def combine(self, y_local: torch.Tensor, handle: Any) -> torch.Tensor:
+        """Expert outputs of the local rows -> [M, D] outputs in ``x_sorted``'s order."""
+        ...
+
+
+class LocalExperts:
+    """Every expert is on this rank: dispatch and combine are the identity (no copies)."""
+
+    def dispatch(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return x_sorted, counts, None
+
+    def combine(self, y_local: torch.Tensor, handle: None) -> torch.Tensor:
+        return y_local
+
+
+LOCAL_EXPERTS = LocalExperts()
+
+
+class RankReducer(Protocol):
+    """Sums tensors over every rank that routes tokens."""
+
+    n_ranks: int  # ranks whose gradients are averaged (the data-parallel world)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (no gradient), as a new tensor."""
+        ...
+
+
+class GroupedExperts(nn.Module):
+    """The stacked SwiGLU experts of one MoE layer (its own module so that parallelism can
+    shard it apart from the router: split over expert-parallel ranks, FSDP over others).
+
+    ``shard_view`` maps a stored weight to the [E_local, ...] slice this rank computes with
+    (identity in one process; ``parallel.expert`` installs DTensor's ``to_local``).
+    """
+
+    kernel_op = "moe"  # which kernel backend setting applies (see kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))  # [E, D, F] gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))  # [E, D, F] up
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))  # [E, F, D] down
+        self.shard_view = _identity
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[M, D] rows grouped by (local) expert, [E_local] counts -> [M, D] expert outputs."""
+        w1, w3, w2 = (self.shard_view(w) for w in (self.w1, self.w3, self.w2))
+        return swiglu_experts(x_sorted, counts, w1, w3, w2, backend=self.kernel_backend)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _in_backward() -> bool:
@@ -56,33 +133,35 @@ class ChunkMoE(nn.Module):
         cfg: the MoE section of the model config.
     """
 
-    kernel_op = "moe"  # which kernel backend setting applies (see kernels.backends)
-    kernel_backend = "torch"  # set per instance by apply_kernel_backends
-
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.d_model = d_model
         self.cfg = cfg
         n_exp, d_exp = cfg.n_experts, cfg.d_expert
+        # experts first: parameters keep the order they had as direct attributes (w1, w3, w2,
+        # router), so gradient-norm sums, and hence the numbers, stay those of earlier versions
+        self.experts = GroupedExperts(n_exp, d_model, d_exp)
         self.router = nn.Linear(d_model, n_exp, bias=False)
-        self.w1 = nn.Parameter(torch.empty(n_exp, d_model, d_exp))  # [E, D, F] gate
-        self.w3 = nn.Parameter(torch.empty(n_exp, d_model, d_exp))  # [E, D, F] up
-        self.w2 = nn.Parameter(torch.empty(n_exp, d_exp, d_model))  # [E, F, D] down
+        self.dispatcher: ExpertDispatcher = LOCAL_EXPERTS
+        self.reducer: RankReducer | None = None
         # selection bias of the aux-loss-free balancing: part of the model state (checkpointed)
         self.register_buffer("expert_bias", torch.zeros(n_exp), persistent=True)
         # (token, slot) assignments per expert since the last optimizer step; not checkpointed
         self.register_buffer("tokens_per_expert", torch.zeros(n_exp), persistent=False)
+        # the load of the last optimizer step, summed over every routing rank (for metrics)
+        self.register_buffer("step_load", torch.zeros(n_exp), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02) -> None:
         """Router normal(std), experts truncated normal(std, +-3 std); balancing state zeroed."""
         nn.init.normal_(self.router.weight, std=init_std)
-        for w in (self.w1, self.w3, self.w2):
+        for w in (self.experts.w1, self.experts.w3, self.experts.w2):
             nn.init.trunc_normal_(w, std=init_std, a=-3 * init_std, b=3 * init_std)
         # buffers are uninitialised after a meta-device build + to_empty()
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
+        self.step_load.zero_()
 
     def forward(
         self, x: torch.Tensor, seq_idx: torch.Tensor | None = None
@@ -102,15 +181,14 @@ class ChunkMoE(nn.Module):
         routing = self.route(x, seq_idx)
         tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
         tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
-        y = moe_experts(
-            x.reshape(batch * seq_len, d_model),
-            tok_expert,
-            tok_weight,
-            self.w1,
-            self.w3,
-            self.w2,
-            backend=self.kernel_backend,
+        x_flat = x.reshape(batch * seq_len, d_model)
+        token_of_pair, weight_of_pair, counts = sort_by_expert(
+            tok_expert, tok_weight, self.cfg.n_experts
         )
+        x_sorted = x_flat.index_select(0, token_of_pair)  # [M, D], grouped by expert
+        x_local, local_counts, handle = self.dispatcher.dispatch(x_sorted, counts)
+        out_sorted = self.dispatcher.combine(self.experts(x_local, local_counts), handle)
+        y = combine_pairs(x_flat, out_sorted, weight_of_pair, token_of_pair)
         if self.training and not _in_backward():
             self._record_load(tok_expert)
         return y.reshape(batch, seq_len, d_model).to(x.dtype), self.aux_loss(routing)
@@ -166,20 +244,46 @@ class ChunkMoE(nn.Module):
         Units are weighted equally (a chunk of C tokens counts once).
         ``z = mean_u logsumexp(logits_u)^2`` (ST-MoE router z-loss).
 
+        With a ``reducer`` (several ranks), ``f_e``, the unit count and the means are those of
+        the global batch (the counts are summed over the routing ranks), and each rank returns
+        ``n_ranks`` times its share, so that the data-parallel gradient average is the gradient
+        of the global loss and the mean over ranks of the value is the one-process value.
+
         Returns:
             Scalar ``aux_loss_coef * balance + z_loss_coef * z`` (fp32 or wider).
         """
         logits = routing.logits
         loss = logits.new_zeros(())
+        if self.cfg.aux_loss_coef <= 0 and self.cfg.z_loss_coef <= 0:
+            return loss
+        n_units, n_exp = routing.probs.shape
+        with torch.no_grad():
+            counts = torch.bincount(routing.expert_idx.reshape(-1), minlength=n_exp)
+        if self.reducer is not None and self.training:
+            return self._global_aux_loss(routing, counts.to(logits.dtype))
         if self.cfg.aux_loss_coef > 0:
-            n_units, n_exp = routing.probs.shape
-            with torch.no_grad():
-                counts = torch.bincount(routing.expert_idx.reshape(-1), minlength=n_exp)
-                frac = counts.to(logits.dtype) / (n_units * self.cfg.top_k)
+            frac = counts.to(logits.dtype) / (n_units * self.cfg.top_k)
             balance = n_exp * (frac * routing.probs.mean(dim=0)).sum()
             loss = loss + self.cfg.aux_loss_coef * balance
         if self.cfg.z_loss_coef > 0:
             z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            loss = loss + self.cfg.z_loss_coef * z_loss
+        return loss
+
+    def _global_aux_loss(self, routing: MoERouting, counts: torch.Tensor) -> torch.Tensor:
+        """``aux_loss`` over the global batch: this rank's share, times ``n_ranks``."""
+        logits = routing.logits
+        n_units, n_exp = routing.probs.shape
+        stats = self.reducer.sum(torch.cat([counts, counts.new_tensor([n_units])]))
+        counts_all, units_all = stats[:n_exp], stats[n_exp].clamp_min(1.0)
+        scale = self.reducer.n_ranks / units_all
+        loss = logits.new_zeros(())
+        if self.cfg.aux_loss_coef > 0:
+            frac = counts_all / (units_all * self.cfg.top_k)
+            balance = n_exp * (frac * routing.probs.sum(dim=0)).sum() * scale
+            loss = loss + self.cfg.aux_loss_coef * balance
+        if self.cfg.z_loss_coef > 0:
+            z_loss = torch.logsumexp(logits, dim=-1).square().sum() * scale
             loss = loss + self.cfg.z_loss_coef * z_loss
         return loss
 
@@ -189,24 +293,27 @@ class ChunkMoE(nn.Module):
         self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
 
     @torch.no_grad()
-    def update_routing_bias(self) -> None:
-        """Aux-loss-free balancing step; call once per optimizer step, after all micro-batches.
+    def after_optimizer_step(self, stepped: bool) -> None:
+        """Once per optimizer step, after all micro-batches: the aux-loss-free balancing step.
 
-        With ``bias_update_rate > 0``: ``expert_bias += rate * sign(mean_load - load)`` (under-
-        loaded experts become more likely to be chosen). Then the load counts are reset, whatever
-        the rate. Under data parallelism, sum ``tokens_per_expert`` over the data-parallel ranks
-        before calling this, so that every rank applies the same update.
+        On a step that updated the weights (``stepped``), the load counted since the last call is
+        summed over every routing rank (``reducer``), kept in ``step_load`` and, with
+        ``bias_update_rate > 0``, moves the bias: ``expert_bias += rate * sign(mean_load -
+        load)`` (under-loaded experts become more likely to be chosen); every rank applies the
+        same update. A skipped step (non-finite loss) changes nothing. The counts are then reset.
         """
         load = self.tokens_per_expert
-        rate = self.cfg.bias_update_rate
-        if rate > 0:
-            self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        if stepped:
+            if self.reducer is not None:
+                load.copy_(self.reducer.sum(load))
+            self.step_load.copy_(load)
+            rate = self.cfg.bias_update_rate
+            if rate > 0:
+                self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
 
     def expert_load(self) -> torch.Tensor:
-        """[E] fraction of the (token, slot) assignments per expert since the last bias update.
-
-        All zeros when nothing was recorded (eval mode only, or right after an update).
-        """
-        load = self.tokens_per_expert
+        """[E] fraction of the (token, slot) assignments per expert in the last optimizer step,
+        over every routing rank. All zeros before the first step (or in eval only)."""
+        load = self.step_load
         return load / load.sum().clamp_min(1.0)

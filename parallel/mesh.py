@@ -1,0 +1,89 @@
+"""One ``DeviceMesh`` for the whole run, and the sub-meshes each user of parallelism needs.
+
+The mesh has four named dimensions, outermost first: ``dp_replicate``, ``efsdp``, ``ep``, ``cp``
+(see ``parallel.dims``). Flattened views built once from it:
+- ``dp_shard`` = efsdp x ep: the FSDP ranks of the dense parameters;
+- ``dp`` = dp_replicate x efsdp x ep: the data-parallel ranks (the reader shards by these);
+- ``world``: every rank (MoE load and aux-loss statistics are summed over all routing ranks).
+With one process there is no mesh: every accessor returns ``None`` and nothing is built.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from parallel.comm import CommStats
+from parallel.dims import ParallelDims
+
+MESH_DIMS = ("dp_replicate", "efsdp", "ep", "cp")
+
+
+class ParallelMesh:
+    """The run's device mesh (or none, with one process) and its named sub-meshes.
+
+    Args:
+        dims: the validated layout.
+        device_type: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, dims: ParallelDims, device_type: str) -> None:
+        self.dims = dims
+        self.comm = CommStats()
+        self.mesh: DeviceMesh | None = None
+        self._flat: dict[str, DeviceMesh] = {}
+        if dims.world_size == 1:
+            return
+        self.mesh = init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)
+        with warnings.catch_warnings():  # slicing by flattened names: torch's deprecation notice
+            warnings.simplefilter("ignore", UserWarning)
+            self._flat["dp_shard"] = self.mesh["efsdp", "ep"]._flatten("dp_shard")
+            self._flat["dp"] = self.mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
+            self._flat["world"] = self.mesh[MESH_DIMS]._flatten("world")
+
+    def _slice(self, *names: str) -> DeviceMesh | None:
+        """The sub-mesh over ``names``, dropping size-1 ``dp_replicate`` (plain FSDP, not HSDP)."""
+        if self.mesh is None:
+            return None
+        if len(names) == 2 and names[0] == "dp_replicate" and self.dims.dp_replicate == 1:
+            names = names[1:]
+        if len(names) == 1 and names[0] in self._flat:
+            return self._flat[names[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self.mesh[names]
+
+    @property
+    def data(self) -> DeviceMesh | None:
+        """The data-parallel ranks: ranks here read different samples."""
+        return self._slice("dp")
+
+    @property
+    def fsdp(self) -> DeviceMesh | None:
+        """Mesh of dense parameters: 1-D (dp_shard) for FSDP, 2-D (dp_replicate, dp_shard) for HSDP."""
+        return self._slice("dp_replicate", "dp_shard")
+
+    @property
+    def ep(self) -> DeviceMesh | None:
+        """The expert-parallel ranks that split the experts of a layer among them."""
+        return self._slice("ep")
+
+    @property
+    def expert_fsdp(self) -> DeviceMesh | None:
+        """Mesh that shards (and replicates) each EP rank's experts: (dp_replicate, efsdp)."""
+        return self._slice("dp_replicate", "efsdp")
+
+    @property
+    def routing_group(self) -> dist.ProcessGroup | None:
+        """Every rank that routes tokens (all of them): MoE statistics are summed over these."""
+        return self._flat["world"].get_group() if self.mesh is not None else None
+
+    @property
+    def dp_rank(self) -> int:
+        return self._flat["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def ep_rank(self) -> int:
+        return self._slice("ep").get_local_rank() if self.mesh is not None else 0

@@ -1,0 +1,79 @@
+"""``parallelize_<family>``: the parallelism of each model family, applied in a fixed order.
+
+Order (each step sees the result of the previous one):
+1. expert parallelism: each MoE layer's experts split over the EP ranks, its dispatcher and the
+   routing-statistics reducer installed (``parallel.expert``);
+2. context parallelism (not implemented yet: ``parallel.cp`` must be 1);
+3. activation checkpointing;
+4. per-block ``torch.compile``;
+5. FSDP2: the experts of each MoE layer on the expert-sharding mesh, then every block, then the
+   root, on the FSDP mesh; or DDP around the model.
+
+Hydra, the Transformer and Mamba-2 share one layered stack (embedding -> blocks -> head), so they
+share ``parallelize_layered``; a family with another stack registers its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from parallel.apply import apply_activation_checkpointing, apply_compile, apply_fsdp2, wrap_ddp
+from parallel.dist import DistInfo
+from parallel.expert import apply_expert_parallel
+from parallel.mesh import ParallelMesh
+from pretrain.models.common.moe import ChunkMoE
+from pretrain.models.lm import CausalLM
+from pretrain.train_config import ParallelConfig, TrainConfig
+
+logger = logging.getLogger("parallel")
+
+
+def parallelize_layered(
+    model: CausalLM,
+    mesh: ParallelMesh,
+    info: DistInfo,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+) -> nn.Module:
+    """Apply ``parallel.backend`` (none, ddp or fsdp2) and the mesh's dimensions to ``model``.
+
+    Returns:
+        The module to call forward on: ``model`` itself (FSDP2 works in place), or its DDP
+        wrapper.
+    """
+    moe_layers = [m for m in model.modules() if isinstance(m, ChunkMoE)]
+    apply_expert_parallel(moe_layers, mesh)
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if train.compile:
+        apply_compile(model)
+    if parallel.backend == "fsdp2" and mesh.mesh is not None:
+        apply_fsdp2(
+            model,
+            mesh,
+            [m.experts for m in moe_layers],
+            reshard_after_forward=parallel.reshard_after_forward,
+            mixed_precision=parallel.mixed_precision,
+            device_type=info.device.type,
+        )
+        logger.info(
+            "FSDP2 on %s (reshard_after_forward=%s)",
+            mesh.dims.describe(),
+            parallel.reshard_after_forward,
+        )
+        return model
+    if parallel.backend == "ddp" and info.distributed:
+        return wrap_ddp(model, info)
+    return model
+
+
+Parallelize = Callable[[CausalLM, ParallelMesh, DistInfo, ParallelConfig, TrainConfig], nn.Module]
+parallelize_hydra: Parallelize = parallelize_layered
+PARALLELIZE: dict[str, Parallelize] = {
+    "hydra": parallelize_hydra,
+    "transformer": parallelize_layered,
+    "mamba2": parallelize_layered,
+}
