@@ -51,10 +51,10 @@ def train_main(config: str, overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as err:
+        run_training(cfg, tracker_factory=make_tracker)
+    except ConfigError as err:  # a bad key or value, or a layout the world size cannot take
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    run_training(cfg, tracker_factory=make_tracker)
     return 0
 
 

@@ -69,8 +69,6 @@ def apply_fsdp2(
                 shard_placement_fn=lambda param, dim=dim: Shard(dim),
                 **kwargs,
             )
-            # the expert gradient already sums the rows of all ep ranks (see parallel.expert)
-            experts.set_gradient_divide_factor(float(dims.dp_world))
     for block in model.blocks.values():
         fully_shard(block, mesh=mesh.fsdp, **kwargs)
     fully_shard(model, mesh=mesh.fsdp, **kwargs)

@@ -16,12 +16,16 @@ swapped). Dropless: every row is sent, whatever the load.
 
 Gradient scale: an EP rank's expert gradient already sums the rows of every rank of its EP
 group, so FSDP's average over the expert-sharding mesh (dp_world / ep ranks) alone would leave it
-``ep`` times too large (the bug Megatron, DeepSpeed and megablocks each shipped). The experts'
-FSDP module divides by the whole data-parallel world instead (``apply_fsdp2``).
+``ep`` times too large (the bug Megatron, DeepSpeed and megablocks each shipped). The local view
+of the expert weights scales their gradient by ``1 / ep`` on its way back (``_local_experts``),
+so the average is over the whole data-parallel world. (FSDP2's ``set_gradient_divide_factor``
+would do the same inside the reduce-scatter, but needs ``PREMUL_SUM``, which gloo lacks.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,7 +70,7 @@ def _all_to_all(
     x = x.contiguous()
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()  # x may have no rows at all
     _send_stats(stats, key, in_splits, dist.get_rank(group), row_bytes)
     return out
 
@@ -177,8 +181,23 @@ class GroupReducer:
         return out
 
 
-def _to_local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, t, scale):  # noqa: ANN001
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return grad * ctx.scale, None
+
+
+def _local_experts(t: torch.Tensor, ep: int) -> torch.Tensor:
+    """This EP rank's experts of a weight, its gradient divided by ``ep`` (module docstring)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return _ScaleGrad.apply(local, 1.0 / ep)
 
 
 def apply_expert_parallel(moe_layers: Sequence[nn.Module], mesh: ParallelMesh) -> None:
@@ -203,7 +222,7 @@ def apply_expert_parallel(moe_layers: Sequence[nn.Module], mesh: ParallelMesh) -
             full = getattr(experts, name)
             sharded = distribute_tensor(full.detach(), mesh.ep, [Shard(0)])
             setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
-        experts.shard_view = _to_local
+        experts.shard_view = functools.partial(_local_experts, ep=mesh.dims.ep)
         module.dispatcher = AllToAllDispatcher(
             mesh.ep.get_group(), module.cfg.n_experts, mesh.comm
         )

@@ -19,9 +19,11 @@ from torch import nn
 
 from parallel.dist import DistInfo
 from parallel.engine import DDPEngine, FSDPEngine, TorchEngine
+from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelMesh
 from pretrain.checkpoint import CheckpointManager, ModelOptimizerState
 from pretrain.config import RunConfig
+from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.lm import CausalLM
 from pretrain.models.parallelize import PARALLELIZE
 from pretrain.optim import build_optimizer
@@ -152,6 +154,8 @@ class DeepSpeedBackend:
         from parallel.deepspeed import build_deepspeed_engine
 
         tc, pc = cfg.train, cfg.parallel
+        # ep is 1 here (validated): this installs the MoE's global routing statistics only
+        apply_expert_parallel([m for m in model.modules() if isinstance(m, ChunkMoE)], mesh)
         model.activation_checkpointing = tc.activation_checkpointing
         return build_deepspeed_engine(
             model,

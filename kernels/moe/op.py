@@ -109,8 +109,8 @@ def swiglu_experts(
     _check_cuda_bf16(x_mm, backend)
     if backend == "grouped_mm":
         return swiglu_experts_grouped_mm(x_mm, counts, w1, w3, w2)
-    if x_mm.shape[0] == 0:
-        return x_mm.new_zeros((0, w2.shape[2]))
+    if x_mm.shape[0] == 0:  # connected to the inputs (see swiglu_experts_loop)
+        return swiglu_experts_loop(x_mm, counts, *(w.to(x_mm.dtype) for w in (w1, w3, w2)))
     return _swiglu_experts_megablocks(x_mm, counts, w1, w3, w2)
 
 

@@ -118,6 +118,10 @@ def swiglu_experts_loop(
     Returns:
         [M, D] expert outputs, row for row.
     """
+    if x_sorted.shape[0] == 0:
+        # no rows: still a result of the inputs, so that autograd reaches every rank's
+        # collectives around it (expert parallelism's all-to-alls run in backward on all ranks)
+        return (F.silu(x_sorted @ w1[0]) * (x_sorted @ w3[0])) @ w2[0]
     outs = []
     start = 0
     # one host sync for the ragged sizes; the loop skips empty experts entirely
@@ -127,8 +131,6 @@ def swiglu_experts_loop(
         x_e = x_sorted[start : start + count]
         outs.append((F.silu(x_e @ w1[e]) * (x_e @ w3[e])) @ w2[e])
         start += count
-    if not outs:
-        return x_sorted.new_zeros((0, w2.shape[2]))
     return torch.cat(outs)
 
 
@@ -253,7 +255,7 @@ def swiglu_experts_grouped_mm(
     if problem is not None:
         raise ValueError(f"swiglu_experts_grouped_mm: {problem}; use swiglu_experts_loop")
     if x_sorted.shape[0] == 0:
-        return x_sorted.new_zeros((0, w2.shape[2]))
+        return swiglu_experts_loop(x_sorted, counts, *(w.to(x_sorted.dtype) for w in (w1, w3, w2)))
     offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice; empty slices allowed
     w1, w3, w2 = (w.to(x_sorted.dtype) for w in (w1, w3, w2))
     hidden = F.silu(_GROUPED_MM(x_sorted, w1, offs=offs)) * _GROUPED_MM(x_sorted, w3, offs=offs)

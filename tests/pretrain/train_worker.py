@@ -32,6 +32,29 @@ def stop_after(trainer: Trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
+def dump_first_gradients(trainer: Trainer, path: Path) -> None:
+    """The full (unsharded) gradient of every parameter at the first step, before clipping,
+    written by rank 0 (``full_tensor`` gathers FSDP and expert shards)."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    original = trainer.engine.clip_grad_norm
+
+    def clip_grad_norm(max_norm: float) -> float:
+        if trainer.state.step == 0:
+            grads = {}
+            for name, param in trainer.model.named_parameters():
+                if param.grad is not None:
+                    g = param.grad
+                    g = g.full_tensor() if isinstance(g, DTensor) else g
+                    grads[name] = g.detach().clone().contiguous()
+            if trainer.info.is_main:
+                save_file(grads, str(path))
+        return original(max_norm)
+
+    trainer.engine.clip_grad_norm = clip_grad_norm
+
+
 def dump_full_params(trainer: Trainer, path: Path) -> None:
     """The full (unsharded) parameters, written by rank 0, to compare layouts."""
     from safetensors.torch import save_file
@@ -61,6 +84,8 @@ def main(argv: list[str]) -> int:
         trainer = build_trainer(cfg, info, tracker_factory=make_tracker)
         if int(stop_at) > 0:
             stop_after(trainer, int(stop_at))
+        if os.environ.get("HYDRA_TEST_DUMP_GRADS"):
+            dump_first_gradients(trainer, Path(cfg.run.dir) / "first_grads.safetensors")
         trainer.run()
         if os.environ.get("HYDRA_TEST_DUMP_PARAMS"):
             dump_full_params(trainer, Path(cfg.run.dir) / "final_params.safetensors")

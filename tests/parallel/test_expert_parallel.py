@@ -1,0 +1,158 @@
+"""Expert parallelism (and HSDP) against one process, with 2 and 4 gloo ranks on CPU.
+
+Every run trains the FAST tiny config (2 blocks, one MoE layer of 4 experts, top-2) on the same
+global batch of 4 rows per micro-batch. The MoE's balance loss, z-loss and bias update use the
+global batch's statistics (summed over the routing ranks), so they are on here, unlike in
+``test_distributed_training.py``. Tolerances: losses rtol 1e-5, every parameter's first-step
+gradient (gathered from its shards) rtol 1e-4, parameters after 6 AdamW steps as in
+``test_distributed_training.py`` (Adam magnifies rounding where gradients are near zero).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.parallel.test_distributed_training import DUMP, _assert_same_training
+from tests.pretrain.trainer_helpers import FAST, TINY, logged_rows, losses, run_training
+
+GRADS = {**DUMP, "HYDRA_TEST_DUMP_GRADS": "1"}
+EP2 = ("parallel.backend=fsdp2", "parallel.ep=2")
+REFERENCE = Path(__file__).with_name("data") / "single_process_reference.json"
+
+
+def _rows_per_rank(world: int, grad_accum: int = 1) -> tuple[str, ...]:
+    return (f"train.batch_size={4 // world}", f"train.grad_accum={grad_accum}")
+
+
+def _assert_same_gradients(a: Path, b: Path) -> None:
+    ga, gb = (load_file(d / "first_grads.safetensors") for d in (a, b))
+    assert ga.keys() == gb.keys() and any(".experts." in k for k in ga)
+    for name in ga:
+        torch.testing.assert_close(
+            gb[name], ga[name], rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def single_token_routing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single_token")
+    run_training(run_dir, *_rows_per_rank(1, 2), "model.moe.routing=token", env=GRADS)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_chunk_routing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single_chunk")
+    run_training(run_dir, *_rows_per_rank(1), env=GRADS)
+    return run_dir
+
+
+def test_one_process_is_the_model_of_before(single_chunk_routing: Path) -> None:
+    """ep=1 in one process: the numbers recorded before expert parallelism existed."""
+    ref = json.loads(REFERENCE.read_text())
+    rows = logged_rows(single_chunk_routing)
+    for key in ("loss", "grad_norm", "aux_loss"):
+        # bitwise on the machine that recorded it; 1e-6 leaves room for another CPU's kernels
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in rows], dtype=torch.float64),
+            torch.tensor(ref[key], dtype=torch.float64),
+            rtol=1e-6,
+            atol=0,
+        )
+
+
+def test_ep2_chunk_routing_matches_one_process(tmp_path: Path, single_chunk_routing: Path) -> None:
+    run_training(tmp_path, *_rows_per_rank(2), *EP2, nproc=2, env=GRADS)
+    _assert_same_training(single_chunk_routing, tmp_path)
+    _assert_same_gradients(single_chunk_routing, tmp_path)
+    row = logged_rows(tmp_path)[0]
+    # the load is over every routing rank: the two EP ranks computed all (token, slot) rows
+    tokens = 4 * 64 * 2  # rows x seq_len x top_k
+    assert row["moe/L1/tokens_ep_rank0"] + row["moe/L1/tokens_ep_rank1"] == tokens
+    assert row["comm/ep/all_to_all/bytes"] > 0 and row["comm/ep/all_to_all/messages"] > 0
+
+
+def test_ep2_token_routing_grad_accum_matches_one_process(
+    tmp_path: Path, single_token_routing: Path
+) -> None:
+    run_training(
+        tmp_path, *_rows_per_rank(2, 2), "model.moe.routing=token", *EP2, nproc=2, env=GRADS
+    )
+    _assert_same_training(single_token_routing, tmp_path)
+    _assert_same_gradients(single_token_routing, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["parallel.dp_shard=4", "parallel.dp_replicate=2 parallel.dp_shard=2"],
+    ids=["fsdp4_ep2", "hsdp2x2_ep2"],
+)
+def test_four_ranks_match_one_process(
+    tmp_path: Path, single_token_routing: Path, layout: str
+) -> None:
+    run_training(
+        tmp_path,
+        *_rows_per_rank(4, 2),
+        "model.moe.routing=token",
+        *EP2,
+        *layout.split(),
+        nproc=4,
+        env=GRADS,
+    )
+    _assert_same_training(single_token_routing, tmp_path)
+    _assert_same_gradients(single_token_routing, tmp_path)
+
+
+def test_checkpoint_moves_between_ep_layouts(tmp_path: Path, single_chunk_routing: Path) -> None:
+    # EP=2 -> EP=1: experts, their Adam moments, the routing bias and the data position.
+    run_training(tmp_path / "ep2_then_1", *_rows_per_rank(2), *EP2, nproc=2, stop_at=3)
+    run_training(tmp_path / "ep2_then_1", *_rows_per_rank(1), env=DUMP)
+    _assert_same_training(single_chunk_routing, tmp_path / "ep2_then_1")
+    # EP=1 -> EP=2
+    run_training(tmp_path / "ep1_then_2", *_rows_per_rank(1), stop_at=3)
+    run_training(tmp_path / "ep1_then_2", *_rows_per_rank(2), *EP2, nproc=2, env=DUMP)
+    _assert_same_training(single_chunk_routing, tmp_path / "ep1_then_2")
+
+
+def _launch(run_dir: Path, world: int, *overrides: str) -> subprocess.CompletedProcess:
+    """``launch.train`` as rank 0 of ``world`` (the layout check runs before any init)."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}
+    cmd = [sys.executable, "-m", "launch.train", "--config", TINY, *FAST, f"run.dir={run_dir}"]
+    return subprocess.run(
+        [*cmd, *overrides], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "names"),
+    [
+        (2, ["parallel.backend=fsdp2", "parallel.dp_shard=4"], ["parallel.dp_shard=4", "is 2"]),
+        (2, ["parallel.backend=fsdp2", "parallel.ep=3"], ["parallel.ep=3", "n_experts=4"]),
+        (4, ["parallel.backend=fsdp2", "parallel.ep=4", "parallel.dp_replicate=2"], ["dp_shard=2"]),
+        (2, ["parallel.backend=ddp", "parallel.ep=2"], ["parallel.ep=2", "parallel.backend=fsdp2"]),
+        (
+            2,
+            ["parallel.backend=deepspeed", "parallel.ep=2"],
+            ["parallel.backend=deepspeed", "fsdp2"],
+        ),
+        (2, ["parallel.backend=fsdp2", "parallel.cp=2"], ["parallel.cp=2", "not implemented"]),
+    ],
+    ids=["product", "n_experts", "ep_outside_dp", "ddp", "deepspeed", "cp"],
+)
+def test_bad_layouts_exit_2_and_write_nothing(
+    tmp_path: Path, world: int, overrides: list[str], names: list[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, world, *overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for name in names:
+        assert name in proc.stderr
+    assert not run_dir.exists()
