@@ -151,9 +151,9 @@ def _regroup_order(recv: torch.Tensor) -> torch.Tensor:
     lengths_t = recv.t().reshape(-1)  # target order: (expert, source)
     starts_t = starts.view(recv.shape).t().reshape(-1)
     run_start = torch.repeat_interleave(starts_t, lengths_t)
-    offset_in_run = torch.arange(int(lengths_t.sum()), device=recv.device) - torch.repeat_interleave(
-        lengths_t.cumsum(0) - lengths_t, lengths_t
-    )
+    offset_in_run = torch.arange(
+        int(lengths_t.sum()), device=recv.device
+    ) - torch.repeat_interleave(lengths_t.cumsum(0) - lengths_t, lengths_t)
     return run_start + offset_in_run
 
 
@@ -223,6 +223,4 @@ def apply_expert_parallel(moe_layers: Sequence[nn.Module], mesh: ParallelMesh) -
             sharded = distribute_tensor(full.detach(), mesh.ep, [Shard(0)])
             setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
         experts.shard_view = functools.partial(_local_experts, ep=mesh.dims.ep)
-        module.dispatcher = AllToAllDispatcher(
-            mesh.ep.get_group(), module.cfg.n_experts, mesh.comm
-        )
+        module.dispatcher = AllToAllDispatcher(mesh.ep.get_group(), module.cfg.n_experts, mesh.comm)

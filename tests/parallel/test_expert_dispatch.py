@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from parallel.dims import ParallelDims
 from parallel.expert import apply_expert_parallel
+from parallel.local_ranks import run_on_ranks
 from parallel.mesh import ParallelMesh
 from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.config import MoEConfig
-from tests.parallel.spawn import run_on_ranks
 
 D, B, T = 8, 4, 12
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.parallel.test_distributed_training import DUMP, _assert_same_training
-from tests.pretrain.trainer_helpers import FAST, TINY, logged_rows, losses, run_training
+from tests.pretrain.trainer_helpers import FAST, TINY, logged_rows, run_training
 
 GRADS = {**DUMP, "HYDRA_TEST_DUMP_GRADS": "1"}
 EP2 = ("parallel.backend=fsdp2", "parallel.ep=2")
@@ -126,9 +126,7 @@ def _launch(run_dir: Path, world: int, *overrides: str) -> subprocess.CompletedP
     """``launch.train`` as rank 0 of ``world`` (the layout check runs before any init)."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}
     cmd = [sys.executable, "-m", "launch.train", "--config", TINY, *FAST, f"run.dir={run_dir}"]
-    return subprocess.run(
-        [*cmd, *overrides], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=120)
 
 
 @pytest.mark.parametrize(

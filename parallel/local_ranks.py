@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in spawned processes (CPU), re-raising the first failure."""
+"""Run a function on N gloo ranks in spawned processes on this machine (CPU tests, benchmarks)."""
 
 from __future__ import annotations
 
