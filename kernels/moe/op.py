@@ -24,19 +24,14 @@ grouped mode, on the sorted rows.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 import torch.nn.functional as F
 
 from kernels.backends import BackendUnavailableError, import_problem
-from kernels.moe.ref import (
-    _check_shapes,
-    combine_pairs,
-    sort_by_expert,
-    swiglu_experts_grouped_mm,
-    swiglu_experts_loop,
-)
+from kernels.moe.ref import sorted_moe, swiglu_experts_grouped_mm, swiglu_experts_loop
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -142,8 +137,5 @@ def moe_experts(
         BackendUnavailableError: megablocks cannot be imported.
         ValueError: unknown backend, or inputs the backend's kernels do not accept.
     """
-    _check_shapes(x, expert_idx, weights, w1, w3, w2)
-    token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
-    x_sorted = x.index_select(0, token_of_pair)  # [M, D]
-    out_sorted = swiglu_experts(x_sorted, counts, w1, w3, w2, backend=backend)
-    return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)
+    compute = functools.partial(swiglu_experts, backend=backend)
+    return sorted_moe(x, expert_idx, weights, (w1, w3, w2), compute)

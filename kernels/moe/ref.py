@@ -17,6 +17,8 @@ Three implementations of the same op, same signature:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -156,10 +158,23 @@ def moe_experts_sorted(
         [n, D] in the promoted dtype of the expert outputs and ``weights`` (so fp32 weights
         accumulate bf16 expert outputs in fp32 under autocast).
     """
+    return sorted_moe(x, expert_idx, weights, (w1, w3, w2), swiglu_experts_loop)
+
+
+def sorted_moe(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    compute: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The MoE op around an expert compute on sorted rows: sort the pairs by expert, gather
+    their rows, ``compute(x_sorted, counts, w1, w3, w2)``, weight and scatter-add them back."""
+    w1, w3, w2 = experts
     _check_shapes(x, expert_idx, weights, w1, w3, w2)
     token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
     x_sorted = x.index_select(0, token_of_pair)  # [M, D]
-    out_sorted = swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+    out_sorted = compute(x_sorted, counts, w1, w3, w2)
     return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)
 
 
@@ -233,10 +248,7 @@ def moe_experts_grouped_mm(
     problem = grouped_mm_problem(x, w1)
     if problem is not None:
         raise ValueError(f"moe_experts_grouped_mm: {problem}; use moe_experts_sorted")
-    token_of_pair, weight_of_pair, counts = sort_by_expert(expert_idx, weights, w1.shape[0])
-    x_sorted = x.index_select(0, token_of_pair)  # [M, D]
-    out_sorted = swiglu_experts_grouped_mm(x_sorted, counts, w1, w3, w2)
-    return combine_pairs(x, out_sorted, weight_of_pair, token_of_pair)
+    return sorted_moe(x, expert_idx, weights, (w1, w3, w2), swiglu_experts_grouped_mm)
 
 
 def swiglu_experts_grouped_mm(

@@ -53,7 +53,8 @@ def _check_ranks(rank: int, world: int, routing: str, skew: bool) -> None:
     ((y1 * g_all).sum() + aux1).backward()
 
     moe = _layer(routing, skew)
-    apply_expert_parallel([moe], ParallelMesh(ParallelDims(dp_shard=world, ep=world), "cpu"))
+    mesh = ParallelMesh(ParallelDims(dp_shard=world, ep=world), "cpu")
+    apply_expert_parallel([moe], mesh)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     x = x_all[rows].clone().requires_grad_(True)
     y, aux = moe(x)
@@ -74,6 +75,24 @@ def _check_ranks(rank: int, world: int, routing: str, skew: bool) -> None:
         torch.testing.assert_close(local, full, rtol=1e-4, atol=1e-7, msg=name)
     if skew:  # the case this test is for: experts 2 and 3 saw no row on any rank
         assert single.experts.w1.grad[2:].abs().max() == 0
+    _check_counted_bytes(moe, x, mesh, rank, world)
+
+
+def _check_counted_bytes(
+    moe: ChunkMoE, x: torch.Tensor, mesh: ParallelMesh, rank: int, world: int
+) -> None:
+    """The dispatcher's byte count is the exact formula for the routing that happened:
+    dispatch and combine-backward send this rank's rows away, combine and dispatch-backward
+    send back the rows it received."""
+    routing = moe.route(x.detach())
+    owner = routing.expert_idx.index_select(0, routing.unit_of_token) // (4 // world)
+    to_rank = torch.bincount(owner.flatten(), minlength=world)
+    table = [torch.zeros_like(to_rank) for _ in range(world)]
+    dist.all_gather(table, to_rank)
+    sent = int(to_rank.sum() - to_rank[rank])
+    received = sum(int(table[src][rank]) for src in range(world) if src != rank)
+    assert mesh.comm.bytes["ep/all_to_all"] == 2 * (sent + received) * D * 4
+    assert mesh.comm.messages["ep/all_to_all"] == 4 * (world - 1)
 
 
 @pytest.mark.parametrize(
