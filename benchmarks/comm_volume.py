@@ -89,6 +89,117 @@ def _measure_rank(rank: int, world: int, d_model: int, moe: dict, seq_len: int, 
         Path(out).write_text(json.dumps(result))
 
 
+class CollectiveCounter:
+    """Counts the payload of torch's collectives per process group while installed.
+
+    FSDP2 calls ``dist.all_gather_single`` (payload: this rank's shard) and
+    ``dist.reduce_scatter_single`` (payload: the full gradient it reduces); the counts are taken
+    there, so they are FSDP2's real calls, not our formula.
+    """
+
+    NAMES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
+
+    def __init__(self, groups: dict[str, object]) -> None:
+        self.groups = groups
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._saved: dict[str, object] = {}
+
+    def _name_of(self, group: object) -> str:
+        """The mesh views this group serves (several when they are one group, e.g. world 2)."""
+        names = [name for name, g in self.groups.items() if g is group]
+        return "=".join(names) or "other"
+
+    def __enter__(self) -> CollectiveCounter:
+        dist = torch.distributed
+        for op in self.NAMES:
+            original = getattr(dist, op)
+            self._saved[op] = original
+
+            def counted(*args, _op=op, _original=original, **kwargs):
+                tensor = _payload(_op, args, kwargs)
+                key = f"{self._name_of(kwargs.get('group'))}/{_op}"
+                self.bytes[key] = self.bytes.get(key, 0) + tensor.numel() * tensor.element_size()
+                self.calls[key] = self.calls.get(key, 0) + 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, op, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for op, original in self._saved.items():
+            setattr(torch.distributed, op, original)
+
+
+def _payload(op: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a collective call carries from this rank (its input)."""
+    if op == "all_reduce":
+        return args[0] if args else kwargs["tensor"]
+    if "input" in kwargs or "input_tensor" in kwargs:
+        return kwargs.get("input", kwargs.get("input_tensor"))
+    return args[1]
+
+
+def _step_rank(rank: int, world: int, name: str, out: str) -> None:
+    """One forward + backward of the whole model under FSDP2 with dp_shard=2, ep=2."""
+    from parallel.dist import DistInfo
+    from pretrain.models.parallelize import parallelize_hydra
+    from pretrain.train_config import ParallelConfig, TrainConfig
+
+    cfg = load_config(CONFIGS[name])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    dims = ParallelDims(dp_shard=world, ep=world)
+    mesh = ParallelMesh(dims, "cpu")
+    info = DistInfo(rank=rank, world_size=world)
+    parallelize_hydra(model, mesh, info, ParallelConfig(backend="fsdp2", ep=world), TrainConfig())
+    groups = {
+        "dp_shard": mesh.fsdp.get_group(),
+        "efsdp": mesh.expert_fsdp.get_group(),
+        "ep": mesh.ep.get_group(),
+        "world": mesh.routing_group,
+    }
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=gen)
+    with CollectiveCounter(groups) as counter:
+        out_ = model(ids)
+        (out_.logits.float().square().mean() + out_.aux_loss).backward()
+    if rank == 0:
+        moe_layers = [m for m in model.modules() if isinstance(m, ChunkMoE)]
+        expert = sum(p.numel() for m in moe_layers for p in m.experts.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        result = {
+            "collectives_bytes": counter.bytes,
+            "collectives_calls": counter.calls,
+            "ep_dispatcher_bytes": dict(mesh.comm.bytes),
+            "params_dense": total - expert,
+            "params_expert": expert,
+        }
+        Path(out).write_text(json.dumps(result))
+
+
+def measure_step(name: str, tmp: Path) -> dict:
+    """A whole model's step at world 2 (dp_shard=2 x ep=2), every group counted; the FSDP
+    formula: the dense shards all-gathered in forward and again in backward, the full fp32
+    gradients reduce-scattered. The experts' FSDP mesh (efsdp) has one rank here: FSDP2 issues
+    no collective on it; their rows go through the EP dispatcher (counted by it)."""
+    out = tmp / f"{name}-step.json"
+    run_on_ranks(2, _step_rank, name, str(out))
+    r = json.loads(out.read_text())
+    shard = r["params_dense"] / 2
+    r["formula_dense_reduce_scatter_bytes"] = r["params_dense"] * FP32
+    r["formula_dense_all_gather_bytes"] = 2 * shard * FP32
+    r["measured_over_formula_all_gather"] = (
+        sum(v for k, v in r["collectives_bytes"].items() if k.endswith("/all_gather_single"))
+        / r["formula_dense_all_gather_bytes"]
+    )
+    r["measured_over_formula_reduce_scatter"] = (
+        sum(v for k, v in r["collectives_bytes"].items() if k.endswith("/reduce_scatter_single"))
+        / r["formula_dense_reduce_scatter_bytes"]
+    )
+    return r
+
+
 def measure(name: str, routing: str, tmp: Path) -> dict:
     cfg = load_config(CONFIGS[name])
     m = cfg.model
@@ -160,8 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import tempfile
 
-    measured, formulas = {}, {}
+    measured, formulas, steps = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        if "hydra-29m" in args.shapes:
+            st = measure_step("hydra-29m", Path(tmp))
+            steps["hydra-29m"] = st
+            print("hydra-29m  whole step, world 2 (dp_shard=2 x ep=2), fwd+bwd of 1 row:")
+            for key in sorted(st["collectives_bytes"]):
+                print(
+                    f"  {key:34s} {st['collectives_bytes'][key] / 2**20:9.2f} MiB"
+                    f" in {st['collectives_calls'][key]} calls"
+                )
+            for key, nbytes in sorted(st["ep_dispatcher_bytes"].items()):
+                print(f"  {key + ' (dispatcher)':34s} {nbytes / 2**20:9.2f} MiB")
+            print(
+                f"  dense params {st['params_dense']:,}: reduce-scatter measured / formula"
+                f" {st['measured_over_formula_reduce_scatter']:.3f}, all-gather measured /"
+                f" (2 x shard) {st['measured_over_formula_all_gather']:.3f}"
+            )
         for name in args.shapes:
             for routing in ("chunk", "token"):
                 r = measure(name, routing, Path(tmp))
@@ -184,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     meta = {"torch": torch.__version__, "machine": platform.machine(), "ep": 2, "world": 2}
     Path(args.out).write_text(
-        json.dumps({"meta": meta, "measured": measured, "formula": formulas}, indent=1)
+        json.dumps(
+            {"meta": meta, "measured": measured, "measured_step": steps, "formula": formulas},
+            indent=1,
+        )
     )
     print(f"wrote {args.out}")
     return 0
