@@ -34,6 +34,7 @@ class StepEngine(Protocol):
 
     model: nn.Module  # the unwrapped model (sharded in place by FSDP2)
     module: nn.Module  # what forward is called on
+    optimizer: torch.optim.Optimizer
     info: DistInfo
 
     def accumulate(self, is_last: bool) -> AbstractContextManager[None]: ...
@@ -182,7 +183,7 @@ def resolve_backend(name: str) -> ParallelBackend:
 
 
 def iter_after_step_hooks(model: nn.Module) -> Iterator[Any]:
-    """Components with work after each optimizer step (``after_optimizer_step(stepped)``)."""
+    """The ``after_optimizer_step(stepped)`` methods of the components that have one."""
     for module in model.modules():
         hook = getattr(module, "after_optimizer_step", None)
         if callable(hook):

@@ -93,8 +93,7 @@ def swiglu_experts(
         backend: ``torch`` | ``grouped_mm`` | ``megablocks``.
 
     Returns:
-        [M, D] expert outputs, row for row (``x_sorted``'s dtype for torch; the matmul dtype for
-        the grouped backends, see the module docstring).
+        [M, D] expert outputs, row for row, in the matmul dtype (autocast's, else x's).
     """
     if backend == "torch":
         return swiglu_experts_loop(x_sorted, counts, w1, w3, w2)

@@ -194,8 +194,8 @@ def combine_pairs(
     Returns:
         [n, D] in the promoted dtype of the outputs and the weights.
     """
-    if out_sorted.shape[0] == 0:
-        return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weight_of_pair.dtype))
+    # no early return for M = 0: the result stays connected to ``out_sorted``, so a rank with
+    # no rows still runs the backward of the collectives that produced them
     out_sorted = out_sorted * weight_of_pair[:, None]  # [M, D]
     y = out_sorted.new_zeros(x.shape)
     return y.index_add_(0, token_of_pair, out_sorted)

@@ -11,6 +11,7 @@ the saved set of states, as in the run that was never interrupted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,17 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 MODEL, OPTIM = "model", "optim"
 STATE, GROUPS = "state.", "param_groups."  # flattened optimizer keys: state.<fqn>.<name>
+
+# Parameters that moved, as (pattern of the current name, the name it had): a checkpoint written
+# before the move still loads. The MoE experts became their own module for expert parallelism.
+RENAMED_PARAMS = ((re.compile(r"\.moe\.experts\.(w[123])(?=$|\.)"), r".moe.\1"),)
+
+
+def legacy_key(key: str) -> str:
+    """The name ``key`` (a parameter FQN or a flattened optimizer key) had before any rename."""
+    for pattern, old in RENAMED_PARAMS:
+        key = pattern.sub(old, key)
+    return key
 
 
 class ModelOptimizerState(Stateful):
@@ -165,9 +177,10 @@ class PartialOptimizerStatePlanner(DefaultLoadPlanner):
         optimizer_keys: the top-level ``app_state`` keys holding a ``ModelOptimizerState``.
     """
 
-    def __init__(self, optimizer_keys: set[str]) -> None:
+    def __init__(self, optimizer_keys: set[str], renamed: dict[str, dict[str, str]]) -> None:
         super().__init__()
         self.optimizer_keys = optimizer_keys
+        self.renamed = renamed  # shared with the loading views, which undo the renames
 
     def set_up_planner(
         self,
@@ -178,8 +191,28 @@ class PartialOptimizerStatePlanner(DefaultLoadPlanner):
         if metadata is not None:
             saved = set(metadata.state_dict_metadata)
             for app_key in self.optimizer_keys:
+                self.renamed[app_key].update(
+                    _read_legacy_names(app_key, state_dict[app_key], saved)
+                )
                 _match_saved_states(app_key, state_dict[app_key].get(OPTIM), saved)
         super().set_up_planner(state_dict, metadata, is_coordinator)
+
+
+def _read_legacy_names(app_key: str, app_sd: dict[str, Any], saved: set[str]) -> dict[str, str]:
+    """Rename, in place, each entry the checkpoint holds only under its old name (the tensor is
+    loaded into as before); returns ``{sub.old: new}`` for ``_LoadingView`` to undo it."""
+    undo = {}
+    for sub in (MODEL, OPTIM):
+        part = app_sd.get(sub)
+        if part is None:
+            continue
+        for key in list(part):
+            old = legacy_key(key)
+            if old != key and f"{app_key}.{sub}.{key}" not in saved:
+                if f"{app_key}.{sub}.{old}" in saved:
+                    part[old] = part.pop(key)
+                    undo[f"{sub}.{old}"] = key
+    return undo
 
 
 def _match_saved_states(app_key: str, optim_sd: dict[str, Any] | None, saved: set[str]) -> None:
@@ -200,15 +233,20 @@ def _match_saved_states(app_key: str, optim_sd: dict[str, Any] | None, saved: se
 
 
 class _LoadingView(Stateful):
-    """Presents ``owner.load_template()`` to DCP as the state to load into."""
+    """Presents ``owner.load_template()`` to DCP as the state to load into (and gives entries
+    read under their old names their current names back)."""
 
-    def __init__(self, owner: ModelOptimizerState) -> None:
+    def __init__(self, owner: ModelOptimizerState, renamed: dict[str, str]) -> None:
         self.owner = owner
+        self.renamed = renamed  # filled by the planner: {"model.<old>": new, "optim.<old>": new}
 
     def state_dict(self) -> dict[str, Any]:
         return self.owner.load_template()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for sub_old, new in self.renamed.items():
+            sub, old = sub_old.split(".", 1)
+            state_dict[sub][new] = state_dict[sub].pop(old)
         self.owner.load_state_dict(state_dict)
 
 
@@ -218,5 +256,7 @@ def prepare_load(
     """(state to hand to ``dcp.load``, planner). Non-``ModelOptimizerState`` entries pass through
     unchanged; copy them back into ``app_state`` after the load (DCP may replace them)."""
     keys = {k for k, v in app_state.items() if isinstance(v, ModelOptimizerState)}
-    view = {k: _LoadingView(v) if k in keys else v for k, v in app_state.items()}
-    return view, PartialOptimizerStatePlanner(keys)
+    renamed: dict[str, dict[str, str]] = {k: {} for k in keys}
+    planner = PartialOptimizerStatePlanner(keys, renamed)
+    view = {k: _LoadingView(v, renamed[k]) if k in keys else v for k, v in app_state.items()}
+    return view, planner

@@ -202,6 +202,10 @@ def test_bias_update_once_per_step_and_towards_balance() -> None:
     torch.testing.assert_close(moe.expert_load(), single / single.sum())
     torch.testing.assert_close(moe.expert_bias, 0.05 * torch.sign(single.mean() - single))
     assert moe.tokens_per_expert.sum() == 0
+    moe(x)
+    moe.after_optimizer_step(stepped=False)  # skipped: no load to report, bias unchanged
+    assert moe.expert_load().sum() == 0
+    torch.testing.assert_close(moe.expert_bias, 0.05 * torch.sign(single.mean() - single))
     bias_after_one = moe.expert_bias.clone()
     moe.after_optimizer_step(stepped=True)  # no forward since: nothing recorded, nothing moves
     assert torch.equal(moe.expert_bias, bias_after_one)

@@ -143,6 +143,38 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_routing_bias_moves_once_per_step_and_not_on_skipped_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from parallel.dist import DistInfo
+    from pretrain.build import build_trainer
+    from pretrain.config import load_config
+    from pretrain.metrics import moe_layers
+    from pretrain.trainer import Trainer
+
+    original_fb, original_hook = Trainer._forward_backward, Trainer._after_optimizer_step
+
+    def poisoned(self, micro):
+        loss, aux, tokens = original_fb(self, micro)
+        return (math.nan if self.state.step + 1 == 3 else loss), aux, tokens
+
+    calls: list[tuple[bool, bool]] = []  # (stepped, bias moved)
+
+    def recorded(self, stepped: bool) -> None:
+        (moe,) = moe_layers(self.model).values()
+        before = moe.expert_bias.clone()
+        original_hook(self, stepped)
+        calls.append((stepped, not torch.equal(before, moe.expert_bias)))
+
+    monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
+    monkeypatch.setattr(Trainer, "_after_optimizer_step", recorded)
+    overrides = [*FAST, "train.steps=4", "train.grad_accum=2", "train.max_nonfinite=5"]
+    cfg = load_config(TINY, [*overrides, "checkpoint.enabled=false", f"run.dir={tmp_path}"])
+    build_trainer(cfg, DistInfo(), log=lambda m: None).run()
+    # one call per optimizer step (not per micro-batch); the skipped step 3 leaves the bias
+    assert calls == [(True, True), (True, True), (False, False), (True, True)]
+
+
 def test_persistent_nonfinite_loss_stops_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -95,7 +95,8 @@ class GroupedExperts(nn.Module):
     shard it apart from the router: split over expert-parallel ranks, FSDP over others).
 
     ``shard_view`` maps a stored weight to the [E_local, ...] slice this rank computes with
-    (identity in one process; ``parallel.expert`` installs DTensor's ``to_local``).
+    (identity in one process; ``parallel.expert`` installs DTensor's ``to_local`` followed by a
+    1/ep gradient scale, see that module).
     """
 
     kernel_op = "moe"  # which kernel backend setting applies (see kernels.backends)
@@ -303,7 +304,9 @@ class ChunkMoE(nn.Module):
         same update. A skipped step (non-finite loss) changes nothing. The counts are then reset.
         """
         load = self.tokens_per_expert
-        if stepped:
+        if not stepped:
+            self.step_load.zero_()  # no load to report for a step that did not happen
+        else:
             if self.reducer is not None:
                 load.copy_(self.reducer.sum(load))
             self.step_load.copy_(load)
