@@ -18,12 +18,11 @@ from safetensors.torch import load_file
 
 from tests.pretrain.trainer_helpers import logged_rows, losses, run_training
 
-# The Switch balance loss is a product of per-batch means, so a rank's loss on half the batch is
-# not half of the global one: it is switched off where layouts are compared (the z-loss and the
-# bias balancing, which all-reduces its counts, stay on).
-SAME_MATH = ("model.moe.aux_loss_coef=0",)
-GLOBAL_BATCH_1 = ("train.batch_size=4", *SAME_MATH)
-GLOBAL_BATCH_2 = ("train.batch_size=2", *SAME_MATH)  # 2 ranks x 2 = the same 4 rows per step
+# The MoE's balance loss, z-loss and bias update use statistics summed over every routing rank
+# (``ChunkMoE.reducer``, installed by every backend), so they stay on: they are the same
+# function of the global batch as in one process.
+GLOBAL_BATCH_1 = ("train.batch_size=4",)
+GLOBAL_BATCH_2 = ("train.batch_size=2",)  # 2 ranks x 2 = the same 4 rows per step
 
 
 def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
