@@ -23,7 +23,7 @@ from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelMesh
 from pretrain.checkpoint import CheckpointManager, ModelOptimizerState
 from pretrain.config import RunConfig
-from pretrain.models.common.moe import ChunkMoE
+from pretrain.metrics import moe_layers
 from pretrain.models.lm import CausalLM
 from pretrain.models.parallelize import PARALLELIZE
 from pretrain.optim import build_optimizer
@@ -156,7 +156,7 @@ class DeepSpeedBackend:
 
         tc, pc = cfg.train, cfg.parallel
         # ep is 1 here (validated): this installs the MoE's global routing statistics only
-        apply_expert_parallel([m for m in model.modules() if isinstance(m, ChunkMoE)], mesh)
+        apply_expert_parallel(list(moe_layers(model).values()), mesh)
         model.activation_checkpointing = tc.activation_checkpointing
         return build_deepspeed_engine(
             model,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe.op import swiglu_experts
-from kernels.moe.ref import combine_pairs, sort_by_expert
+from kernels.moe.ref import sorted_moe
 from pretrain.models.common.documents import positions_in_document
 from pretrain.models.config import MoEConfig
 
@@ -182,17 +182,25 @@ class ChunkMoE(nn.Module):
         routing = self.route(x, seq_idx)
         tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
         tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
-        x_flat = x.reshape(batch * seq_len, d_model)
-        token_of_pair, weight_of_pair, counts = sort_by_expert(
-            tok_expert, tok_weight, self.cfg.n_experts
+        ex = self.experts
+        y = sorted_moe(
+            x.reshape(batch * seq_len, d_model),
+            tok_expert,
+            tok_weight,
+            (ex.w1, ex.w3, ex.w2),  # global shapes (DTensors under EP and FSDP) for the checks
+            self._dispatched_experts,
         )
-        x_sorted = x_flat.index_select(0, token_of_pair)  # [M, D], grouped by expert
-        x_local, local_counts, handle = self.dispatcher.dispatch(x_sorted, counts)
-        out_sorted = self.dispatcher.combine(self.experts(x_local, local_counts), handle)
-        y = combine_pairs(x_flat, out_sorted, weight_of_pair, token_of_pair)
         if self.training and not _in_backward():
             self._record_load(tok_expert)
         return y.reshape(batch, seq_len, d_model).to(x.dtype), self.aux_loss(routing)
+
+    def _dispatched_experts(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor, *weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The expert compute of ``sorted_moe``: rows to the ranks of their experts, through the
+        experts module (so that FSDP2 gathers it), and back."""
+        x_local, local_counts, handle = self.dispatcher.dispatch(x_sorted, counts)
+        return self.dispatcher.combine(self.experts(x_local, local_counts), handle)
 
     def unit_starts(
         self, seq_idx: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
