@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import traceback
@@ -13,10 +14,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+_TIMEOUT_S = 300
+
+
 def _entry(rank: int, world: int, init_file: str, fn: Callable, args: tuple, errors: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective that never pairs up fails the test in minutes instead of hanging it
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
+    )
     try:
         fn(rank, world, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test

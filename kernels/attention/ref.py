@@ -55,12 +55,18 @@ class ChunkSummaries(NamedTuple):
         v: [b, S, Hkv, K] summary values.
         start: [b, S] int64, first position (in the row) each summary covers.
         end: [b, S] int64, last position each summary covers; padding entries hold T.
+        doc: [b, S] int64 document id of each summary in the numbering of ``document_ids``
+            of the query rows, or None: looked up at ``start`` and ``end``. Given when the
+            summaries cover positions outside the rows (a context-parallel slice sees summaries
+            of earlier slices at negative positions); then an entry is eligible when
+            ``start <= end < T``.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     start: torch.Tensor
     end: torch.Tensor
+    doc: torch.Tensor | None = None
 
 
 def document_ids(
@@ -76,6 +82,39 @@ def document_ids(
     starts = torch.zeros_like(seq_idx, dtype=torch.long)
     starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
     return starts.cumsum(dim=1)
+
+
+def chunk_layout(doc_pos: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Document-aligned chunks of ``chunk`` tokens: a chunk starts wherever ``doc_pos % chunk == 0``.
+
+    Args:
+        doc_pos: [b, T] position of each token inside its document.
+        chunk: tokens per chunk.
+
+    Returns:
+        seg [b, T] chunk index of each position; start, end [b, S] first and last position of
+        each chunk (S the most chunks of any row; padding entries hold start = end = T).
+    """
+    b, T = doc_pos.shape
+    pos = torch.arange(T, device=doc_pos.device).expand(b, T)
+    seg = (doc_pos % chunk == 0).long().cumsum(dim=1) - 1  # [b, T] chunk index within the row
+    n_seg = int(seg[:, -1].max().item()) + 1
+    start = torch.full((b, n_seg), T, dtype=torch.long, device=doc_pos.device)
+    start = start.scatter_reduce(1, seg, pos, reduce="amin")
+    end = torch.full((b, n_seg), -1, dtype=torch.long, device=doc_pos.device)
+    end = end.scatter_reduce(1, seg, pos, reduce="amax")
+    return seg, start, end.masked_fill(end < 0, T)
+
+
+def pool_chunk_sums(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Sums of ``x`` [b, T, ...] over chunk indices ``seg`` [b, T] -> [b, n_seg, ...] in fp32 or
+    wider (partial sums when ``x`` is a slice of the row ``seg`` was numbered on)."""
+    b, T = seg.shape
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    flat_idx = (seg + torch.arange(b, device=x.device)[:, None] * n_seg).reshape(-1)
+    src = x.reshape(b * T, -1).to(acc_dtype)
+    total = torch.zeros(b * n_seg, src.shape[1], dtype=acc_dtype, device=x.device)
+    return total.index_add(0, flat_idx, src).view(b, n_seg, *x.shape[2:])
 
 
 def build_chunk_summaries(
@@ -100,28 +139,13 @@ def build_chunk_summaries(
         fp64) and cast back to the input dtype.
     """
     b, T = k.shape[:2]
-    pos = torch.arange(T, device=k.device).expand(b, T)
     if doc_pos is None:
-        doc_pos = pos
-    is_start = doc_pos % chunk == 0
-    seg = is_start.long().cumsum(dim=1) - 1  # [b, T] chunk index within the row
-    n_seg = int(seg[:, -1].max().item()) + 1
-    start = torch.full((b, n_seg), T, dtype=torch.long, device=k.device)
-    start = start.scatter_reduce(1, seg, pos, reduce="amin")
-    end = torch.full((b, n_seg), -1, dtype=torch.long, device=k.device)
-    end = end.scatter_reduce(1, seg, pos, reduce="amax")
-    is_pad = end < 0
-    end = end.masked_fill(is_pad, T)
-    count = (end - start + 1).clamp_min(1)
-
-    acc_dtype = torch.promote_types(k.dtype, torch.float32)
-    flat_idx = (seg + torch.arange(b, device=k.device)[:, None] * n_seg).reshape(-1)
+        doc_pos = torch.arange(T, device=k.device).expand(b, T)
+    seg, start, end = chunk_layout(doc_pos, chunk)
+    count = (end - start + 1).clamp_min(1)[:, :, None, None]
 
     def pool(x: torch.Tensor) -> torch.Tensor:
-        src = x.reshape(b * T, -1).to(acc_dtype)
-        total = torch.zeros(b * n_seg, src.shape[1], dtype=acc_dtype, device=x.device)
-        total = total.index_add(0, flat_idx, src).view(b, n_seg, *x.shape[2:])
-        return (total / count[:, :, None, None].to(acc_dtype)).to(x.dtype)
+        return (pool_chunk_sums(x, seg, start.shape[1]) / count).to(x.dtype)
 
     return ChunkSummaries(pool(k), pool(v), start, end)
 
@@ -145,6 +169,8 @@ def _summary_eligible(
     """Per summary: may it be seen at all ([b, S] bool), and its document id ([b, S])."""
     T = doc.shape[1]
     start, end = summaries.start, summaries.end
+    if summaries.doc is not None:
+        return (start <= end) & (end < T), summaries.doc
     doc_end = doc.gather(1, end.clamp(0, T - 1))
     doc_start = doc.gather(1, start.clamp(0, T - 1))
     eligible = (end < T) & (start >= 0) & (start <= end) & (doc_start == doc_end)

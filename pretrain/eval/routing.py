@@ -70,7 +70,7 @@ class RoutingRecorder:
         def hook(moe: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.labels is None:
                 return
-            routing = moe.route(args[0], kwargs.get("seq_idx"))
+            routing = moe.route(args[0], kwargs.get("seq_idx"), context=kwargs.get("context"))
             n_units = routing.expert_idx.shape[0]
             unit_label = torch.full((n_units,), -1, dtype=torch.long, device=args[0].device)
             unit_label.scatter_reduce_(

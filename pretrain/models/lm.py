@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.common.layers import RMSNorm
+from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import ModelConfig, validate_model_config
 from pretrain.models.hydra.block import GatedPathBlock, build_hydra_block
 from pretrain.models.mamba2.block import build_mamba2_block
@@ -69,19 +70,31 @@ class CausalLM(nn.Module):
             for name in block.active:
                 block.active[name] = name in active
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T] (and optional document index seq_idx [B, T]) -> logits [B, T, V]."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        context: SequenceContext | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, T] (and optional document index seq_idx [B, T]) -> logits [B, T, V].
+
+        ``context`` replaces ``seq_idx``: under context parallelism ``input_ids`` is this rank's
+        slice of the rows and the context says where it sits (``SequenceContext.of_slice``).
+        """
         h = self.tok_embeddings(input_ids)
+        context = resolve_context(h, seq_idx, context)
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h, block_aux = checkpoint(block, h, seq_idx, use_reentrant=False)
+                h, block_aux = checkpoint(block, h, None, context, use_reentrant=False)
             else:
-                h, block_aux = block(h, seq_idx=seq_idx)
+                h, block_aux = block(h, context=context)
             aux_loss = aux_loss + block_aux
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = torch.nn.functional.linear(h, weight)
+        if context.split:
+            logits = context.comm.tie(logits)
         return ModelOutput(logits=logits, aux_loss=aux_loss)
 
 

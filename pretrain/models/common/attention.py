@@ -10,14 +10,17 @@ exactly as it would be alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import build_chunk_summaries, document_ids
+from kernels.attention import ChunkSummaries, build_chunk_summaries, document_ids
 from kernels.attention.op import sparse_global_attention
-from pretrain.models.common.documents import positions_in_document
+from kernels.attention.ref import chunk_layout, pool_chunk_sums
 from pretrain.models.common.layers import apply_rope, rope_angles
+from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import AttentionConfig
 
 
@@ -46,33 +49,37 @@ class _AttentionBase(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
 
     def _project(
-        self, x: torch.Tensor, seq_idx: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K] (q, k rotated), doc positions [B, T]."""
+        self, x: torch.Tensor, context: SequenceContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K] (q, k rotated at global positions)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        doc_pos = positions_in_document(seq_idx, B, T, x.device)
-        cos, sin = rope_angles(doc_pos, self.head_dim, self.cfg.rope_theta)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, doc_pos
+        cos, sin = rope_angles(context.doc_pos, self.head_dim, self.cfg.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-        doc_pos: torch.Tensor,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
     ) -> torch.Tensor:
         """q [B, T, H, K], k/v [B, T, Hkv, K] -> [B, T, H, K]."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        context: SequenceContext | None = None,
+    ) -> torch.Tensor:
+        """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D].
+
+        ``context`` (which replaces ``seq_idx``) places a context-parallel slice in its rows.
+        """
         B, T, _ = x.shape
-        q, k, v, doc_pos = self._project(x, seq_idx)
-        out = self._attend(q, k, v, seq_idx, doc_pos)
+        context = resolve_context(x, seq_idx, context)
+        q, k, v = self._project(x, context)
+        out = self._attend(q, k, v, context)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -94,17 +101,14 @@ class SparseGlobalAttention(_AttentionBase):
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-        doc_pos: torch.Tensor,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
     ) -> torch.Tensor:
+        if context.split:
+            return self._attend_slice(q, k, v, context)
         cfg = self.cfg
         summaries = None
         if cfg.n_global > 0 and q.shape[1] > cfg.window:  # shorter rows can never see a summary
-            summaries = build_chunk_summaries(k, v, cfg.summary_chunk, doc_pos)
+            summaries = build_chunk_summaries(k, v, cfg.summary_chunk, context.doc_pos)
         return sparse_global_attention(
             q,
             k,
@@ -112,9 +116,78 @@ class SparseGlobalAttention(_AttentionBase):
             summaries,
             window=cfg.window,
             n_global=cfg.n_global,
-            seq_idx=seq_idx,
+            seq_idx=context.seq_idx,
             backend=self.kernel_backend,
         )
+
+    def _attend_slice(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
+    ) -> torch.Tensor:
+        """The op on a frame of the ``window - 1`` positions before the slice plus the slice.
+
+        The frame's leading positions carry the previous ranks' keys and values and zero queries
+        whose outputs are dropped; positions before the row's start are a padding document.
+        Summaries come in the frame's coordinates (those of earlier slices at negative ones).
+        """
+        cfg, (B, T) = self.cfg, q.shape[:2]
+        halo = cfg.window - 1
+        frame_k, frame_v = k, v
+        if halo > 0:
+            kv = torch.stack([k, v])  # [2, B, T, Hkv, K]
+            hops = math.ceil(halo / T)
+            before = [context.comm.shift(kv, j, "attention_halo") for j in range(hops, 0, -1)]
+            frame_kv = torch.cat([*before, kv], dim=2)[:, :, -(halo + T) :]
+            frame_k, frame_v = frame_kv[0], frame_kv[1]
+            q = torch.cat([q.new_zeros(B, halo, *q.shape[2:]), q], dim=1)
+        frame_start = context.offset - halo
+        frame_doc = _row_columns(context.row_doc, frame_start, halo + T, fill=-1)
+        summaries = None
+        if cfg.n_global > 0 and context.length > cfg.window:
+            summaries = self._row_summaries(k, v, context, frame_start, frame_doc)
+        out = sparse_global_attention(
+            q,
+            frame_k,
+            frame_v,
+            summaries,
+            window=cfg.window,
+            n_global=cfg.n_global,
+            seq_idx=frame_doc,
+            backend=self.kernel_backend,
+        )
+        return out[:, halo:]
+
+    def _row_summaries(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: SequenceContext,
+        frame_start: int,
+        frame_doc: torch.Tensor,
+    ) -> ChunkSummaries:
+        """Summaries of the whole row from every rank's partial chunk sums, in frame coordinates."""
+        seg, start, end = chunk_layout(context.row_doc_pos, self.cfg.summary_chunk)
+        n_seg = start.shape[1]
+        local_seg = context.row_slice(seg)
+        sums = torch.stack([pool_chunk_sums(t, local_seg, n_seg) for t in (k, v)])
+        sums = context.comm.all_reduce(sums, "attention_summaries")  # [2, B, S, Hkv, K]
+        count = (end - start + 1).clamp_min(1)[:, :, None, None]
+        means = (sums / count).to(k.dtype)
+        length, frame_len = context.length, frame_doc.shape[1]
+        is_pad = end >= length
+        doc = context.row_doc.gather(1, end.clamp(max=length - 1))
+        # the op numbers documents from the frame's first position (document_ids of frame_doc)
+        doc = doc - frame_doc[:, :1]
+        f_start = (start - frame_start).masked_fill(is_pad, frame_len + 1)
+        f_end = (end - frame_start).clamp(max=frame_len).masked_fill(is_pad, frame_len)
+        return ChunkSummaries(means[0], means[1], f_start, f_end, doc)
+
+
+def _row_columns(row: torch.Tensor, start: int, width: int, fill: int) -> torch.Tensor:
+    """Columns ``start .. start + width - 1`` of ``row`` [B, L], ``fill`` where start < 0."""
+    if start >= 0:
+        return row[:, start : start + width]
+    pad = row.new_full((row.shape[0], -start), fill)
+    return torch.cat([pad, row[:, : start + width]], dim=1)
 
 
 class CausalSelfAttention(_AttentionBase):
@@ -126,15 +199,16 @@ class CausalSelfAttention(_AttentionBase):
     """
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-        doc_pos: torch.Tensor,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
     ) -> torch.Tensor:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, K]
         gqa = self.n_kv_heads != self.n_heads
+        if context.split:
+            k, v, mask = self._keys_up_to_slice(k, v, context)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+            return out.transpose(1, 2)
+        seq_idx = context.seq_idx
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, K]
         if seq_idx is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -144,3 +218,19 @@ class CausalSelfAttention(_AttentionBase):
             mask = causal & (doc[:, :, None] == doc[:, None, :])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         return out.transpose(1, 2)
+
+    def _keys_up_to_slice(
+        self, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys/values of every position up to this slice's end (all-gathered over the CP ranks)
+        [B, S, Hkv, K] and the [B, T, S] causal, same-document mask of this slice's queries."""
+        B, T = k.shape[:2]
+        gathered = context.comm.all_gather(torch.stack([k, v]), "attention_kv")
+        n_keys = context.offset + T  # later slices are never visible
+        kv = gathered[: context.comm.rank + 1].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+        q_pos = context.offset + torch.arange(T, device=k.device)
+        k_pos = torch.arange(n_keys, device=k.device)
+        doc_q = context.row_slice(context.row_doc)
+        doc_k = context.row_doc[:, :n_keys]
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (doc_q[:, :, None] == doc_k[:, None, :])
+        return kv[0], kv[1], mask

@@ -40,8 +40,10 @@ class SwiGLU(nn.Module):
         for lin in (self.w1, self.w3, self.w2):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; per token, so ``seq_idx`` is accepted and ignored."""
+    def forward(
+        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, *, context: object = None
+    ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; per token, so ``seq_idx`` and ``context`` are ignored."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -11,6 +11,12 @@ weights), made from the hidden state of the unit's FIRST token only:
   unit is at or before every token of the unit, hence routing is causal.
 - ``routing="token"``: every token is its own unit.
 
+Under context parallelism a unit that begins on an earlier rank's slice is routed on that
+first token too: every rank all-gathers the hidden state of its last unit start ([B, D] per rank
+and layer), and a slice whose first unit began earlier routes it on the owner's token, so the
+decision (and its gradient, which flows back to the owner) is the one of a single process. Such
+a borrowed unit counts in the balance statistics only on the rank that owns its first token.
+
 Router (fp32, no bias): ``logits = x_first @ W_r^T``; ``scores = softmax(logits)`` or
 ``sigmoid(logits)`` (``cfg.score_func``). The k experts are the top-k of ``scores + expert_bias``;
 ``expert_bias`` (DeepSeek-V3 aux-loss-free balancing) changes only *which* experts are chosen. The
@@ -36,7 +42,7 @@ from torch import nn
 
 from kernels.moe.op import swiglu_experts
 from kernels.moe.ref import sorted_moe
-from pretrain.models.common.documents import positions_in_document
+from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import MoEConfig
 
 
@@ -48,6 +54,9 @@ class MoERouting(NamedTuple):
     weights: torch.Tensor  # [U, k] combine weights of each unit (sum to 1 per unit)
     logits: torch.Tensor  # [U, E] router logits
     probs: torch.Tensor  # [U, E] router probabilities (sum to 1 per unit), for the balance loss
+    # [U] bool, units whose first token is on this rank (None: all); only these count in the
+    # balance statistics (a unit continued from an earlier context-parallel slice is not)
+    owned: torch.Tensor | None = None
 
 
 class ExpertDispatcher(Protocol):
@@ -165,13 +174,19 @@ class ChunkMoE(nn.Module):
         self.step_load.zero_()
 
     def forward(
-        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        context: SequenceContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route each unit on its first token, then run its tokens through the chosen experts.
 
         Args:
             x: [B, T, D] hidden states (already normalised by the block).
             seq_idx: optional [B, T] int64 document index of each token (packed rows).
+            context: the sequence context (replaces ``seq_idx``; places a context-parallel
+                slice in its rows).
 
         Returns:
             y: [B, T, D] in ``x.dtype``.
@@ -179,7 +194,7 @@ class ChunkMoE(nn.Module):
                 both coefficients are 0). See ``aux_loss``.
         """
         batch, seq_len, d_model = x.shape
-        routing = self.route(x, seq_idx)
+        routing = self.route(x, context=resolve_context(x, seq_idx, context))
         tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
         tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
         ex = self.experts
@@ -202,31 +217,52 @@ class ChunkMoE(nn.Module):
         x_local, local_counts, handle = self.dispatcher.dispatch(x_sorted, counts)
         return self.dispatcher.combine(self.experts(x_local, local_counts), handle)
 
-    def unit_starts(
-        self, seq_idx: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
-    ) -> torch.Tensor:
-        """[B, T] bool: True where a token starts a routing unit (document-relative chunks)."""
+    def unit_starts(self, doc_pos: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: True where a token starts a routing unit (document-relative chunks), from
+        each token's (global) position in its document ``doc_pos`` [B, T]."""
         if self.cfg.routing == "token":
-            return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-        pos = positions_in_document(seq_idx, batch, seq_len, device)
-        return pos % self.cfg.chunk_size == 0
+            return torch.ones_like(doc_pos, dtype=torch.bool)
+        return doc_pos % self.cfg.chunk_size == 0
 
-    def route(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> MoERouting:
+    def route(
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        context: SequenceContext | None = None,
+    ) -> MoERouting:
         """Routing decision of every unit, from the hidden state of its first token.
 
         Args:
             x: [B, T, D] hidden states.
             seq_idx: optional [B, T] document index of each token.
+            context: the sequence context (replaces ``seq_idx``).
 
         Returns:
             The ``MoERouting`` (units numbered in row-major token order).
         """
         batch, seq_len, d_model = x.shape
-        starts = self.unit_starts(seq_idx, batch, seq_len, x.device).reshape(-1)  # [N]
-        # every row starts a unit (position 0 of a document), so unit ids are a running count
+        context = resolve_context(x, seq_idx, context)
+        starts = self.unit_starts(context.doc_pos)  # [B, T]
+        borrowed_rows = None
+        if context.split and self.cfg.routing == "chunk":
+            borrowed_rows = ~starts[:, 0]  # the row's first unit began on an earlier slice
+            carried = self._earlier_first_tokens(x, starts, context)  # [B, D]
+            starts = starts.clone()
+            starts[:, 0] = True
+        starts = starts.reshape(-1)  # [N]
+        # every row starts a unit (position 0), so unit ids are a running count
         unit_of_token = starts.long().cumsum(0) - 1  # [N]
         first_token = starts.nonzero().squeeze(1)  # [U]
         x_units = x.reshape(batch * seq_len, d_model).index_select(0, first_token)  # [U, D]
+        owned = None
+        if borrowed_rows is not None:
+            row_unit = unit_of_token.view(batch, seq_len)[:, 0]  # [B] first unit of each row
+            borrowed = torch.zeros(x_units.shape[0], dtype=torch.bool, device=x.device)
+            borrowed = borrowed.index_copy(0, row_unit, borrowed_rows)
+            carried_units = torch.zeros_like(x_units).index_copy(0, row_unit, carried.to(x.dtype))
+            x_units = torch.where(borrowed[:, None], carried_units, x_units)
+            owned = ~borrowed
         # fp32 at least (fp64 in fp64 tests): routing decisions must not flip under bf16
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -241,7 +277,24 @@ class ChunkMoE(nn.Module):
         expert_idx = biased.topk(self.cfg.top_k, dim=-1).indices  # [U, k]
         chosen = scores.gather(-1, expert_idx)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
-        return MoERouting(unit_of_token, expert_idx, weights, logits, probs)
+        return MoERouting(unit_of_token, expert_idx, weights, logits, probs, owned)
+
+    def _earlier_first_tokens(
+        self, x: torch.Tensor, starts: torch.Tensor, context: SequenceContext
+    ) -> torch.Tensor:
+        """[B, D] hidden state of the first token of the unit each row's slice begins inside.
+
+        Every rank contributes the state of its last unit start (zeros where its slice has none);
+        the unit's owner is the rank of its first token, known from the global positions.
+        """
+        batch, seq_len = starts.shape
+        pos = torch.arange(seq_len, device=x.device)
+        last = torch.where(starts, pos, -1).amax(dim=1)  # [B], -1: no unit starts here
+        rows = torch.arange(batch, device=x.device)
+        mine = x[rows, last.clamp(min=0)] * (last >= 0)[:, None].to(x.dtype)
+        gathered = context.comm.all_gather(mine, "moe_route_carry")  # [cp, B, D]
+        first_pos = context.offset - context.doc_pos[:, 0] % self.cfg.chunk_size  # [B]
+        return gathered[first_pos // seq_len, rows]
 
     def aux_loss(self, routing: MoERouting) -> torch.Tensor:
         """Auxiliary router loss of one forward (averaged over routing units).
@@ -261,10 +314,16 @@ class ChunkMoE(nn.Module):
         Returns:
             Scalar ``aux_loss_coef * balance + z_loss_coef * z`` (fp32 or wider).
         """
-        logits = routing.logits
-        loss = logits.new_zeros(())
+        loss = routing.logits.new_zeros(())
         if self.cfg.aux_loss_coef <= 0 and self.cfg.z_loss_coef <= 0:
             return loss
+        if routing.owned is not None:  # units borrowed from an earlier slice count there
+            keep = routing.owned
+            routing = routing._replace(
+                expert_idx=routing.expert_idx[keep], logits=routing.logits[keep],
+                probs=routing.probs[keep], owned=None,
+            )
+        logits = routing.logits
         n_units, n_exp = routing.probs.shape
         with torch.no_grad():
             counts = torch.bincount(routing.expert_idx.reshape(-1), minlength=n_exp)

@@ -102,12 +102,16 @@ class ProductKeyMemory(nn.Module):
                 q, subkeys = q.float(), subkeys.float()
             return pkm_select(q, subkeys, self.top_k)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, *, context: object = None
+    ) -> torch.Tensor:
         """Read the memory for every token.
 
         Args:
             x: [B, T, D] input (the residual stream).
             seq_idx: [B, T] document ids; ignored (the layer acts on each token alone).
+            context: the sequence context; ignored likewise (per token: nothing to exchange
+                under context parallelism).
 
         Returns:
             [B, T, D] the memory read (sum over heads), in ``x``'s dtype.

@@ -20,6 +20,8 @@ from torch import nn
 
 from kernels.ssd import document_ids
 from kernels.ssd.op import ssd_scan
+from kernels.ssd.state_passing import incoming_state, initial_state_output, slice_decay
+from pretrain.models.common.sequence import SequenceContext
 from pretrain.models.config import SSMConfig
 
 
@@ -60,7 +62,14 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    """Mamba-2 (SSD) sequence mixer, single device; sequence parallelism builds on its states."""
+    """Mamba-2 (SSD) sequence mixer.
+
+    Under context parallelism (a split ``context``) each rank scans its slice from a zero state,
+    the ranks all-gather their (final state, total decay), and each corrects its outputs with the
+    state folded from the slices before it (``kernels.ssd.state_passing``); the conv takes its
+    K-1 inputs before the slice from the previous rank (a halo). Per layer and rank that moves
+    one fp32 [B, H, P, N] state plus [B, H] decays and a [B, K-1, X] halo, whatever T is.
+    """
 
     kernel_op = "ssd"  # which kernel backend setting applies (see kernels.backends)
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
@@ -111,6 +120,8 @@ class Mamba2Mixer(nn.Module):
         initial_state: torch.Tensor | None = None,
         conv_state: torch.Tensor | None = None,
         return_state: bool = False,
+        *,
+        context: SequenceContext | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, SSMState]:
         """Mix along time.
 
@@ -122,14 +133,23 @@ class Mamba2Mixer(nn.Module):
                 Both states continue the *first* document of each row: a caller whose row starts
                 a new document must pass None (or zeros) for that row.
             return_state: also return the states after the last token.
+            context: the sequence context; a split one (context parallelism) replaces
+                ``seq_idx`` and the two states, which must then be None.
 
         Returns:
             [B, T, D], or ([B, T, D], SSMState) when ``return_state``. Running a sequence in two
             segments, the second from the first's state, equals running it whole.
         """
         cfg, H, G = self.cfg, self.n_heads, self.cfg.n_groups
+        split = context is not None and context.split
+        if context is not None:
+            seq_idx = context.seq_idx
+        if split and (initial_state is not None or conv_state is not None or return_state):
+            raise ValueError("a split sequence context passes states itself: no states may be given")
         z, xbc, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
         doc = document_ids(seq_idx) if seq_idx is not None else None
+        if split:
+            conv_state = self._conv_halo(xbc, doc, context)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xbc_act = F.silu(self._causal_conv(xbc.float(), doc, conv_state))
             xs, b_in, c_out = xbc_act.split(
@@ -149,12 +169,45 @@ class Mamba2Mixer(nn.Module):
                 seq_idx=doc,
                 backend=self.kernel_backend,
             )
+            if split:
+                y = y + self._incoming_state_output(ssm_state, dt * A, c_out, context).to(y.dtype)
             y = y + self.D.float()[:, None] * xs
             y = self.norm(y.flatten(-2), z)
         out = self.out_proj(y.to(z.dtype))
         if not return_state:
             return out
         return out, SSMState(ssm=ssm_state, conv=self._next_conv_state(xbc, doc, conv_state))
+
+    def _conv_halo(
+        self, xbc: torch.Tensor, doc: torch.Tensor | None, context: SequenceContext
+    ) -> torch.Tensor:
+        """[B, K-1, X] conv inputs before the slice: the previous rank's last K-1 (those of the
+        document that continues here; zeros in rows whose slice starts a document)."""
+        if context.slice_len < self.cfg.d_conv - 1:
+            raise ValueError(
+                f"context-parallel slice of {context.slice_len} tokens is shorter than the conv"
+                f" halo (ssm.d_conv - 1 = {self.cfg.d_conv - 1})"
+            )
+        halo = context.comm.shift(self._next_conv_state(xbc, doc, None), 1, "ssm_conv_halo")
+        return halo * context.continues[:, None, None].to(halo.dtype)
+
+    def _incoming_state_output(
+        self,
+        local_state: torch.Tensor,
+        log_decay: torch.Tensor,
+        c_out: torch.Tensor,
+        context: SequenceContext,
+    ) -> torch.Tensor:
+        """[B, T, H, P] what the state carried in from earlier slices adds to this slice's y."""
+        b, H = local_state.shape[:2]
+        first = context.first_document()
+        decay = slice_decay(log_decay, first[:, -1])  # [B, H]; 0 unless one document passes
+        packed = torch.cat([local_state.flatten(1), decay.to(local_state.dtype)], dim=1)
+        gathered = context.comm.all_gather(packed, "ssm_state")  # [cp, B, H*P*N + H]
+        states = gathered[..., :-H].unflatten(-1, local_state.shape[1:])
+        h_in = incoming_state(states, gathered[..., -H:], context.comm.rank)
+        c = c_out.unflatten(-1, (self.cfg.n_groups, self.cfg.d_state))
+        return initial_state_output(c, log_decay, h_in, first)
 
     def _conv_prefix(self, xbc: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
         """[B, K-1, X] conv inputs before t = 0 (zeros when no state is given)."""

@@ -26,14 +26,14 @@ S segments per row (a segment = the tokens of one chunk of one document, padded 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.common.documents import positions_in_document
 from pretrain.models.common.layers import RMSNorm
+from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import WorkspaceConfig
 
 
@@ -48,19 +48,27 @@ class _Segments:
 
 
 def _build_segments(
-    seq_idx: torch.Tensor | None, batch: int, seq_len: int, chunk: int, device: torch.device
+    doc_pos: torch.Tensor, chunk: int, one_document: bool, leading_segment: bool = False
 ) -> _Segments:
-    pos = positions_in_document(seq_idx, batch, seq_len, device)  # [B, T]
-    in_chunk = pos % chunk
+    """The segment layout of tokens at positions-in-document ``doc_pos`` [B, T].
+
+    ``leading_segment`` (a context-parallel slice): segment 0 is the chunk that the slice's first
+    tokens continue (it began on an earlier rank; those tokens join it); the slice's own chunks
+    follow. ``one_document``: every row is one document starting at position 0.
+    """
+    batch, seq_len = doc_pos.shape
+    in_chunk = doc_pos % chunk
     # every segment begins with a token at in-chunk position 0 (a chunk or a document start)
-    segment = (in_chunk == 0).long().cumsum(dim=1) - 1  # [B, T]
-    if seq_idx is None:
+    segment = (in_chunk == 0).long().cumsum(dim=1) - (0 if leading_segment else 1)  # [B, T]
+    if one_document and not leading_segment:
         n_segments = math.ceil(seq_len / chunk)
     else:
         n_segments = int(segment.max().item()) + 1  # shape-defining: one host sync per call
     flat_index = segment * chunk + in_chunk
-    padded_pos = torch.full((batch, n_segments * chunk), -1, dtype=pos.dtype, device=device)
-    padded_pos = padded_pos.scatter(1, flat_index, pos).view(batch, n_segments, chunk)
+    padded_pos = torch.full(
+        (batch, n_segments * chunk), -1, dtype=doc_pos.dtype, device=doc_pos.device
+    )
+    padded_pos = padded_pos.scatter(1, flat_index, doc_pos).view(batch, n_segments, chunk)
     return _Segments(
         flat_index=flat_index,
         n_segments=n_segments,
@@ -134,39 +142,133 @@ class WorkspaceMemory(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        context: SequenceContext | None = None,
+    ) -> torch.Tensor:
         """Read the workspace for every token, writing it chunk by chunk.
 
         Args:
             x: [B, T, D] input (the residual stream).
             seq_idx: [B, T] int64 document ids of a packed row (non-decreasing), or None.
+            context: the sequence context (replaces ``seq_idx``); a split one runs the slices of
+                the context-parallel ranks one after another (``_forward_slice``).
 
         Returns:
             [B, T, D] the read of each token, in ``x``'s dtype.
         """
+        context = resolve_context(x, seq_idx, context)
+        if context.split:
+            return self._forward_slice(x, context)
+        batch, seq_len, d_model = x.shape
+        one_document = context.seq_idx is None
+        seg = _build_segments(context.doc_pos, self.chunk_size, one_document=one_document)
+        x_n = self.norm(x)
+        padded = self._padded(x_n, seg)  # [B, S, C, D]
+        states = self._run_slots(padded, seg)  # [B, S, M, D], the state each segment reads
+        return self._gather_reads(padded, states, seg).to(x.dtype)
+
+    def _padded(self, x_n: torch.Tensor, seg: _Segments) -> torch.Tensor:
+        """Tokens [B, T, D] -> the padded segment layout [B, S, C, D]."""
+        batch, seq_len, d_model = x_n.shape
+        index = seg.flat_index[..., None].expand(batch, seq_len, d_model)
+        padded = x_n.new_zeros(batch, seg.n_segments * self.chunk_size, d_model)
+        return padded.scatter(1, index, x_n).view(batch, seg.n_segments, self.chunk_size, d_model)
+
+    def _gather_reads(
+        self, padded: torch.Tensor, states: torch.Tensor, seg: _Segments
+    ) -> torch.Tensor:
+        """The read of every token [B, T, D] from the segment layout."""
+        batch, n_seg, chunk, d_model = padded.shape
+        read = self._read(padded, states).reshape(batch, n_seg * chunk, d_model)
+        index = seg.flat_index[..., None].expand(batch, seg.flat_index.shape[1], d_model)
+        return read.gather(1, index)
+
+    # ------------------------------------------------------------------ context parallel
+
+    def _forward_slice(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
+        """The recurrence is not affine in the slots (softmax, gate), so the slices run one after
+        another: in turn r, rank r continues from the carry of rank r - 1 and passes its own on
+        (a point-to-point shift per turn; ``size`` turns per layer, the backward mirrors them).
+
+        The carry is the state read by the slice's last segment plus that segment's tokens (a
+        chunk may continue on the next rank, whose write then needs them): [B, M*D + C*D + C].
+        Every rank takes part in every turn (the collectives' order token makes each shift's
+        backward run on every rank, in reverse order).
+        """
         batch, seq_len, d_model = x.shape
         chunk = self.chunk_size
-        seg = _build_segments(seq_idx, batch, seq_len, chunk, x.device)
-        gather_index = seg.flat_index[..., None].expand(batch, seq_len, d_model)
+        seg = _build_segments(context.doc_pos, chunk, one_document=False, leading_segment=True)
         x_n = self.norm(x)
-        padded = x_n.new_zeros(batch, seg.n_segments * chunk, d_model).scatter(1, gather_index, x_n)
-        padded = padded.view(batch, seg.n_segments, chunk, d_model)  # [B, S, C, D]
-        states = self._run_slots(padded, seg)  # [B, S, M, D], the state each segment reads
-        read = self._read(padded, states)  # [B, S, C, D]
-        read = read.reshape(batch, seg.n_segments * chunk, d_model).gather(1, gather_index)
-        return read.to(x.dtype)
+        initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
+        no_tokens = initial.new_zeros(batch, chunk * d_model + chunk)
+        carry = torch.cat([initial.flatten(1), no_tokens], dim=1)
+        reads = None
+        for turn in range(context.comm.size):
+            if turn == context.comm.rank:
+                reads, out = self._slice_turn(x_n, seg, carry, initial)
+            else:
+                out = carry  # not this rank's turn: pass on what it has
+            carry = context.comm.shift(out, 1, "workspace_carry")
+        return reads.to(x.dtype)
 
-    def _run_slots(self, tokens: torch.Tensor, seg: _Segments) -> torch.Tensor:
+    def _slice_turn(
+        self, x_n: torch.Tensor, seg: _Segments, carry: torch.Tensor, initial: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's recurrence from the incoming carry -> (reads [B, T, D], outgoing carry)."""
+        batch, _, d_model = x_n.shape
+        chunk, n_slots = self.chunk_size, self.n_slots
+        state_in, tokens_in, valid_in = carry.split(
+            [n_slots * d_model, chunk * d_model, chunk], dim=1
+        )
+        tokens_in = tokens_in.view(batch, 1, chunk, d_model).to(x_n.dtype)
+        valid_in = valid_in.view(batch, 1, chunk) > 0.5
+        padded = self._padded(x_n, seg)
+        # the continued chunk: earlier ranks' tokens at its first in-chunk positions, ours after
+        padded = torch.cat([padded[:, :1] + tokens_in, padded[:, 1:]], dim=1)
+        valid = torch.cat([seg.token_valid[:, :1] | valid_in, seg.token_valid[:, 1:]], dim=1)
+        seg = replace(seg, token_valid=valid)
+        states = self._run_slots(padded, seg, state_in.view(batch, n_slots, d_model), initial)
+        reads = self._gather_reads(padded, states, seg)
+        # the segment of each row's last token (rows with fewer segments end in empty padding
+        # segments, whose writes must not reach the next rank)
+        last = (seg.flat_index[:, -1] // chunk)[:, None]  # [B, 1]
+        rows = torch.arange(batch, device=x_n.device)[:, None]
+        out = torch.cat(
+            [
+                states[rows, last].flatten(1),
+                padded[rows, last].flatten(1).to(states.dtype),
+                valid[rows, last].flatten(1).to(states.dtype),
+            ],
+            dim=1,
+        )
+        return reads, out
+
+    # ------------------------------------------------------------------ the recurrence
+
+    def _run_slots(
+        self,
+        tokens: torch.Tensor,
+        seg: _Segments,
+        state_in: torch.Tensor | None = None,
+        initial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The chunk recurrence: the slot state each segment reads, [B, S, M, D] (fp32 or wider).
 
         Args:
             tokens: [B, S, C, D] normalised tokens in the padded segment layout.
             seg: the segment layout.
+            state_in: [B, M, D] state read by the first segment (default: the initial slots).
+            initial: [B, M, D] the initial slots, where documents start (default: computed).
         """
         batch = tokens.shape[0]
-        initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
+        if initial is None:
+            initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
         keys, vals = _heads(self.write_kv(tokens), self.n_heads).chunk(2, dim=-1)  # [B, S, C, H, K]
-        state = initial
+        state = initial if state_in is None else state_in
         states = []
         for s in range(seg.n_segments):
             state = torch.where(seg.starts_document[:, s, None, None], initial, state)

@@ -19,6 +19,7 @@ from pretrain.models.common.attention import SparseGlobalAttention
 from pretrain.models.common.layers import RMSNorm, SwiGLU
 from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.common.pkm import ProductKeyMemory
+from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.common.ssm import Mamba2Mixer
 from pretrain.models.common.workspace import WorkspaceMemory
 from pretrain.models.config import ModelConfig
@@ -98,9 +99,9 @@ class GatedPathBlock(nn.Module):
                 nn.init.constant_(self.gates[name], self.gate_init)
 
     def _run_path(
-        self, name: str, x: torch.Tensor, seq_idx: torch.Tensor | None
+        self, name: str, x: torch.Tensor, context: SequenceContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.paths[name](self.norms[name](x), seq_idx=seq_idx)
+        out = self.paths[name](self.norms[name](x), context=context)
         aux = None
         if isinstance(out, tuple):  # MoE returns (y, aux_loss)
             out, aux = out
@@ -111,15 +112,19 @@ class GatedPathBlock(nn.Module):
         return out, aux
 
     def forward(
-        self, x: torch.Tensor, seq_idx: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        context: SequenceContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> (x' [B, T, D], aux_loss scalar)."""
+        """x [B, T, D] -> (x' [B, T, D], aux_loss scalar); ``context`` replaces ``seq_idx``."""
+        context = resolve_context(x, seq_idx, context)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         update = None
         for name in self.parallel:
             if not self.active[name]:
                 continue
-            out, aux = self._run_path(name, x, seq_idx)
+            out, aux = self._run_path(name, x, context)
             update = out if update is None else update + out
             if aux is not None:
                 aux_loss = aux_loss + aux
@@ -128,7 +133,7 @@ class GatedPathBlock(nn.Module):
         for name in self.sequential:
             if not self.active[name]:
                 continue
-            out, aux = self._run_path(name, x, seq_idx)
+            out, aux = self._run_path(name, x, context)
             x = x + out
             if aux is not None:
                 aux_loss = aux_loss + aux
