@@ -61,10 +61,11 @@ def apply_fsdp2(
     if dims.ep > 1:
         for experts in expert_modules:
             n_local, d_model, d_expert = experts.w1.shape[0] // dims.ep, *experts.w1.shape[1:]
+            shards = dims.efsdp * dims.cp  # the expert-sharding mesh: efsdp (x cp)
             # fewer local experts than sharding ranks: shard each expert's matrices instead, when
             # they split evenly (FSDP2 pads uneven shards on dim 0 only)
-            even = d_model % dims.efsdp == 0 and d_expert % dims.efsdp == 0
-            dim = 1 if n_local < dims.efsdp and even else 0
+            even = d_model % shards == 0 and d_expert % shards == 0
+            dim = 1 if n_local < shards and even else 0
             fully_shard(
                 experts,
                 mesh=mesh.expert_fsdp,

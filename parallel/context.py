@@ -96,6 +96,15 @@ class ContextGroup:
         out, self._token = _Shift.apply(t, self._order_token(), hops, self, f"cp/{key}")
         return out
 
+    def begin(self) -> ContextGroup:
+        """The same group with a fresh order token, for one forward (one micro-batch): the
+        token chain of a forward, and of its activation-checkpoint recomputes, stays apart
+        from every other forward's."""
+        view = object.__new__(ContextGroup)
+        view.__dict__.update(self.__dict__)
+        view._token = None
+        return view
+
     def tie(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus 0 x the last order token (see the module notes); starts a new chain."""
         token, self._token = self._token, None

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 # parallel dimensions (beyond plain data parallelism) each backend can run
 BACKEND_SUPPORT = {
     "none": (),
-    "ddp": (),
-    "fsdp2": ("dp_replicate", "ep"),
+    "ddp": ("cp",),
+    "fsdp2": ("dp_replicate", "ep", "cp"),
     "deepspeed": (),
 }
 DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "ep")
@@ -51,8 +51,8 @@ class ParallelDims:
 
     @property
     def mesh_shape(self) -> tuple[int, int, int, int]:
-        """The one device mesh: (dp_replicate, efsdp, ep, cp)."""
-        return (self.dp_replicate, self.efsdp, self.ep, self.cp)
+        """The one device mesh: (dp_replicate, efsdp, cp, ep)."""
+        return (self.dp_replicate, self.efsdp, self.cp, self.ep)
 
     def describe(self) -> str:
         return (
@@ -108,10 +108,6 @@ def layout_problems(
     problems: list[str] = []
     sizes = _filled(dict(sizes), world_size, problems)
     rep, shard, cp, ep = (sizes[k] for k in DIM_KEYS)
-    if cp > 1:
-        problems.append(
-            f"parallel.cp={cp}: context parallelism is not implemented yet; use parallel.cp=1"
-        )
     if ep > 1:
         if n_experts is None:
             problems.append(f"parallel.ep={ep}: the model has no MoE layers (model.moe)")
@@ -126,7 +122,7 @@ def layout_problems(
                 " of the data-parallel (FSDP) ranks"
             )
     supported = BACKEND_SUPPORT.get(backend, ())
-    for key, value in (("dp_replicate", rep), ("ep", ep)):
+    for key, value in (("dp_replicate", rep), ("ep", ep), ("cp", cp)):
         if value > 1 and key not in supported:
             which = [b for b, dims in BACKEND_SUPPORT.items() if key in dims]
             problems.append(

@@ -162,7 +162,7 @@ class GroupReducer:
 
     Args:
         group: every rank that routes tokens (``ParallelMesh.routing_group``).
-        n_ranks: the data-parallel world (ranks whose gradients are averaged).
+        n_ranks: the ranks whose gradients are averaged (the world: data x context parallel).
         stats: where the bytes and messages are counted (key ``routing/all_reduce``).
     """
 
@@ -212,7 +212,8 @@ def apply_expert_parallel(moe_layers: Sequence[nn.Module], mesh: ParallelMesh) -
     """
     if mesh.mesh is None:
         return
-    reducer = GroupReducer(mesh.routing_group, mesh.dims.dp_world, mesh.comm)
+    # gradients are averaged over every rank (data- and context-parallel)
+    reducer = GroupReducer(mesh.routing_group, mesh.dims.world_size, mesh.comm)
     for module in moe_layers:
         module.reducer = reducer
         if mesh.dims.ep == 1:

@@ -1,8 +1,14 @@
 """One ``DeviceMesh`` for the whole run, and the sub-meshes each user of parallelism needs.
 
-The mesh has four named dimensions, outermost first: ``dp_replicate``, ``efsdp``, ``ep``, ``cp``
-(see ``parallel.dims``). Flattened views built once from it:
-- ``dp_shard`` = efsdp x ep: the FSDP ranks of the dense parameters;
+The mesh has four named dimensions, outermost first: ``dp_replicate``, ``efsdp``, ``cp``, ``ep``
+(see ``parallel.dims``): EP innermost (its all-to-alls between neighbouring ranks, inside a node),
+and ``cp`` next to ``efsdp`` so that both flatten into the one mesh that shards each EP rank's
+experts (an expert DTensor lives on (dp_replicate, efsdp x cp, ep), dims in mesh order). Flattened views built once from it:
+- ``dp_shard`` = efsdp x ep: the data-parallel ranks that shard the dense parameters;
+- ``dp_shard_cp`` = efsdp x ep x cp: the FSDP ranks of the dense parameters under context
+  parallelism (the CP ranks of a sample also shard the parameters and reduce their gradients,
+  as in torchtitan);
+- ``efsdp_cp`` = efsdp x cp: likewise for each EP rank's experts;
 - ``dp`` = dp_replicate x efsdp x ep: the data-parallel ranks (the reader shards by these);
 - ``world``: every rank (MoE load and aux-loss statistics are summed over all routing ranks).
 With one process there is no mesh: every accessor returns ``None`` and nothing is built.
@@ -18,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from parallel.comm import CommStats
 from parallel.dims import ParallelDims
 
-MESH_DIMS = ("dp_replicate", "efsdp", "ep", "cp")
+MESH_DIMS = ("dp_replicate", "efsdp", "cp", "ep")
 
 
 class ParallelMesh:
@@ -40,6 +46,8 @@ class ParallelMesh:
         with warnings.catch_warnings():  # slicing by flattened names: torch's deprecation notice
             warnings.simplefilter("ignore", UserWarning)
             self._flat["dp_shard"] = self.mesh["efsdp", "ep"]._flatten("dp_shard")
+            self._flat["dp_shard_cp"] = self.mesh["efsdp", "cp", "ep"]._flatten("dp_shard_cp")
+            self._flat["efsdp_cp"] = self.mesh["efsdp", "cp"]._flatten("efsdp_cp")
             self._flat["dp"] = self.mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
             self._flat["world"] = self.mesh[MESH_DIMS]._flatten("world")
 
@@ -51,6 +59,10 @@ class ParallelMesh:
             names = names[1:]
         if len(names) == 1 and names[0] in self._flat:
             return self._flat[names[0]]
+        if len(names) == 2 and names[1] in self._flat:  # (dp_replicate, flattened dim)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return self.mesh[names]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return self.mesh[names]
@@ -62,8 +74,9 @@ class ParallelMesh:
 
     @property
     def fsdp(self) -> DeviceMesh | None:
-        """Mesh of dense parameters: 1-D (dp_shard) for FSDP, 2-D (dp_replicate, dp_shard) for HSDP."""
-        return self._slice("dp_replicate", "dp_shard")
+        """Mesh of dense parameters: 1-D (dp_shard, times cp) for FSDP, 2-D with dp_replicate
+        for HSDP."""
+        return self._slice("dp_replicate", "dp_shard_cp" if self.dims.cp > 1 else "dp_shard")
 
     @property
     def ep(self) -> DeviceMesh | None:
@@ -73,7 +86,12 @@ class ParallelMesh:
     @property
     def expert_fsdp(self) -> DeviceMesh | None:
         """Mesh that shards (and replicates) each EP rank's experts: (dp_replicate, efsdp)."""
-        return self._slice("dp_replicate", "efsdp")
+        return self._slice("dp_replicate", "efsdp_cp" if self.dims.cp > 1 else "efsdp")
+
+    @property
+    def cp(self) -> DeviceMesh | None:
+        """The context-parallel ranks that split one sequence (None when cp = 1)."""
+        return self._slice("cp") if self.dims.cp > 1 else None
 
     @property
     def routing_group(self) -> dist.ProcessGroup | None:

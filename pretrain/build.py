@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from kernels.backends import select_backends
+from parallel.context import ContextGroup
 from parallel.dist import DistInfo, init_distributed, launcher_world_size, shutdown
 from parallel.mesh import ParallelMesh
 from pretrain.backend import (
@@ -24,6 +25,7 @@ from pretrain.backend import (
     resolve_backend,
 )
 from pretrain.config import RunConfig, config_to_dict, resolve_parallel_dims
+from pretrain.context_split import ContextSplit
 from pretrain.curriculum import Stage, resolve_stages
 from pretrain.models import build_model
 from pretrain.models.kernel_backends import apply_kernel_backends
@@ -99,6 +101,7 @@ def build_trainer(
         stages=stages,
         checkpoints=build_checkpoints(cfg, backend, engine, run_dir),
         comm=mesh.comm,
+        split=ContextSplit(ContextGroup(mesh.cp.get_group(), mesh.comm) if mesh.cp else None),
         tracker_factory=lambda run_id: (
             tracker_factory(cfg, info, run_dir, run_id) if tracker_factory else None
         ),

@@ -248,7 +248,38 @@ def parallel_layout_problems(
     with ``-1`` filled in."""
     pc = cfg.parallel
     sizes = {k: getattr(pc, k) for k in DIM_KEYS}
-    return layout_problems(sizes, world_size, pc.backend, moe_experts_per_layer(cfg))
+    problems, sizes = layout_problems(sizes, world_size, pc.backend, moe_experts_per_layer(cfg))
+    return problems + context_parallel_problems(cfg, sizes["cp"]), sizes
+
+
+def context_parallel_problems(cfg: RunConfig, cp: int) -> list[str]:
+    """Sequence lengths that ``cp`` ranks cannot split: each must be a multiple of ``cp``, and
+    a slice must hold the SSM conv's halo (``d_conv - 1`` tokens). Chunk sizes need not divide
+    the slice."""
+    if cp <= 1:
+        return []
+    problems = []
+    if cfg.train.compile:
+        problems.append(
+            f"train.compile=true with parallel.cp={cp}: compiling blocks that exchange states"
+            " between context-parallel ranks is not supported yet; set train.compile=false"
+        )
+    lengths = {"train.seq_len": cfg.train.seq_len}
+    for i, stage in enumerate(cfg.curriculum.stages):
+        if stage.seq_len:
+            lengths[f"curriculum.stages[{i}].seq_len"] = stage.seq_len
+    for key, length in lengths.items():
+        if length % cp:
+            problems.append(
+                f"{key}={length} is not a multiple of parallel.cp={cp}: each context-parallel"
+                " rank takes an equal contiguous slice of every row"
+            )
+        elif cfg.model.ssm.enabled and length // cp < cfg.model.ssm.d_conv - 1:
+            problems.append(
+                f"{key}={length} / parallel.cp={cp} = {length // cp} tokens per rank is shorter"
+                f" than the SSM conv halo (model.ssm.d_conv - 1 = {cfg.model.ssm.d_conv - 1})"
+            )
+    return problems
 
 
 def resolve_parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,10 @@ from pretrain.loss import IGNORE_INDEX
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    split: Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], Any]] | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss and perplexity over ``batches``; answer accuracy where an
     ``answer_mask`` marks answer positions (exact match of the argmax prediction).
@@ -21,6 +25,9 @@ def evaluate(
     Batches that also carry ``answer_group`` [B, T] (synthetic streams built with ``meta=True``)
     add ``eval/answer_accuracy/group{g}`` for every group g seen when there are several (e.g.
     per domain).
+
+    ``split`` (context parallelism) cuts each batch to this rank's slice and gives the model its
+    sequence context; the figures are then this rank's share (the caller averages over ranks).
 
     Returns:
         ``eval/loss``, ``eval/perplexity``, ``eval/tokens``; with answers also
@@ -32,7 +39,11 @@ def evaluate(
     group_hits: dict[int, list[int]] = {}  # group -> [correct, answers]
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx")).logits.float()
+        context = None
+        if split is not None:
+            batch, context = split(batch)
+        logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"), context=context)
+        logits = logits.logits.float()
         labels = batch["labels"]
         valid = labels != IGNORE_INDEX
         loss_sum += torch.nn.functional.cross_entropy(

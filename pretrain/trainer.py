@@ -26,6 +26,7 @@ from parallel.dist import DistInfo, all_reduce_max, all_reduce_mean
 from pretrain.backend import CheckpointStore, StepEngine, iter_after_step_hooks
 from pretrain.checkpoint import capture_rng_state, restore_rng_state
 from pretrain.config import RunConfig, config_to_dict
+from pretrain.context_split import ContextSplit
 from pretrain.curriculum import Stage, apply_stage
 from pretrain.data_config import reader_config
 from pretrain.evaluate import evaluate
@@ -93,6 +94,7 @@ class Trainer:
     log: Callable[[str], None] = print
     tracker: Tracker | None = None
     comm: CommStats = field(default_factory=CommStats)  # bytes per process group, per step
+    split: ContextSplit = field(default_factory=lambda: ContextSplit(None))  # CP slice per rank
     state: TrainState = field(default_factory=TrainState)
     history: list[dict[str, float]] = field(default_factory=list)
     reader: StreamingReader | None = None
@@ -162,14 +164,18 @@ class Trainer:
     def _forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """Sum-of-token losses normalised by the global token count of the whole step, so that any
         split over ranks and micro-batches gives the gradient of the same global mean."""
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        split = [self.split(b) for b in micro]  # this rank's slice of each row (CP), or all
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b, _ in split)
         global_tokens = max(self._global_count(local_tokens), 1.0)
-        scale = self.info.dp_world / global_tokens  # DDP/FSDP average over ranks
+        # DDP/FSDP average gradients over every rank (data- and context-parallel alike)
+        scale = self.info.world_size / global_tokens
         loss_sum, aux_sum = 0.0, 0.0
-        for i, batch in enumerate(micro):
+        for i, (batch, context) in enumerate(split):
             with self.engine.accumulate(is_last=i == len(micro) - 1):
                 with self._autocast():
-                    out = self.engine.module(batch["input_ids"], seq_idx=batch["seq_idx"])
+                    out = self.engine.module(
+                        batch["input_ids"], seq_idx=batch["seq_idx"], context=context
+                    )
                 token_loss = torch.nn.functional.cross_entropy(
                     out.logits.float().flatten(0, 1),
                     batch["labels"].flatten(),
@@ -214,7 +220,7 @@ class Trainer:
         component = component_metrics(self.model) if self._is_log_step() else {}
         component.update(self.comm.metrics())
         self.comm.reset()
-        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.dp_world
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.dp_world  # whole rows
         self.state.step += 1
         self.state.tokens += tokens
         elapsed = time.perf_counter() - t0
@@ -363,7 +369,9 @@ class Trainer:
     def _maybe_evaluate(self) -> None:
         every = self.cfg.train.eval_every
         if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.steps):
-            results = evaluate(self.engine.module, self._eval_batches(), self.info.device)
+            results = evaluate(
+                self.engine.module, self._eval_batches(), self.info.device, split=self.split
+            )
             results = {k: all_reduce_mean(v, self.info) for k, v in results.items()}
             self._record({"step": self.state.step, **results})
             if self.tracker is not None:

@@ -84,7 +84,9 @@ def document_ids(
     return starts.cumsum(dim=1)
 
 
-def chunk_layout(doc_pos: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunk_layout(
+    doc_pos: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Document-aligned chunks of ``chunk`` tokens: a chunk starts wherever ``doc_pos % chunk == 0``.
 
     Args:

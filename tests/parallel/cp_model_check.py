@@ -8,6 +8,10 @@ gradient summed over the ranks (each rank's loss is its share of the global mean
 
 from __future__ import annotations
 
+import json
+import traceback
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -61,18 +65,33 @@ def check_model(rank: int, world: int, config: str, overrides: tuple[str, ...]) 
     loss = _loss_share(out.logits, labels[:, cols], n_tokens)
     loss.backward()
 
-    torch.testing.assert_close(out.logits, ref.logits[:, cols], rtol=1e-5, atol=1e-5)
+    # every collective first, then the comparisons: a failing rank must not leave the others
+    # waiting in a collective (the next check would pair with the wrong one)
     total = loss.detach().clone()
     dist.all_reduce(total)
-    torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=0)
-    names = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert names == set(ref_grads), sorted(names ^ set(ref_grads))
+    grads = {}
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad.clone()
-        dist.all_reduce(grad)
+        if param.grad is not None:
+            grads[name] = param.grad.clone()
+            dist.all_reduce(grads[name])
+    torch.testing.assert_close(out.logits, ref.logits[:, cols], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=0)
+    assert set(grads) == set(ref_grads), sorted(set(grads) ^ set(ref_grads))
+    for name, grad in grads.items():
         torch.testing.assert_close(
             grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert sum(stats.bytes.values()) > 0
+
+
+def run_checks(rank: int, world: int, checks: dict[str, tuple], out_dir: str) -> None:
+    """Run named checks ``fn(rank, world, *args)`` one after another in one set of ranks (one
+    spawn for many checks); each rank writes ``{name: traceback or ""}`` to ``out_dir``."""
+    results = {}
+    for name, (fn, *args) in checks.items():
+        try:
+            fn(rank, world, *args)
+            results[name] = ""
+        except Exception:  # noqa: BLE001 - reported per check by the test that reads it
+            results[name] = traceback.format_exc()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

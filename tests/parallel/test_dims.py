@@ -29,7 +29,7 @@ def test_fill_in(sizes: dict[str, int], world: int, expected: ParallelDims) -> N
 def test_mesh_views_of_a_layout() -> None:
     dims = ParallelDims(dp_replicate=2, dp_shard=4, ep=2)
     assert (dims.world_size, dims.dp_world, dims.efsdp) == (8, 8, 2)
-    assert dims.mesh_shape == (2, 2, 2, 1)
+    assert dims.mesh_shape == (2, 2, 1, 2)  # (dp_replicate, efsdp, cp, ep)
 
 
 @pytest.mark.parametrize(

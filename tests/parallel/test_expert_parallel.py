@@ -132,9 +132,14 @@ def test_checkpoint_moves_between_ep_layouts(tmp_path: Path, single_chunk_routin
             ["parallel.backend=deepspeed", "parallel.ep=2"],
             ["parallel.backend=deepspeed", "fsdp2"],
         ),
-        (2, ["parallel.backend=fsdp2", "parallel.cp=2"], ["parallel.cp=2", "not implemented"]),
+        (
+            2,
+            ["parallel.backend=fsdp2", "parallel.cp=2", "train.seq_len=65"],
+            ["train.seq_len=65", "parallel.cp=2"],
+        ),
+        (2, ["parallel.backend=deepspeed", "parallel.cp=2"], ["parallel.cp=2", "fsdp2 or ddp"]),
     ],
-    ids=["product", "n_experts", "ep_outside_dp", "ddp", "deepspeed", "cp"],
+    ids=["product", "n_experts", "ep_outside_dp", "ddp", "deepspeed", "cp_seq_len", "cp_deepspeed"],
 )
 def test_bad_layouts_exit_2_and_write_nothing(
     tmp_path: Path,

@@ -320,8 +320,10 @@ class ChunkMoE(nn.Module):
         if routing.owned is not None:  # units borrowed from an earlier slice count there
             keep = routing.owned
             routing = routing._replace(
-                expert_idx=routing.expert_idx[keep], logits=routing.logits[keep],
-                probs=routing.probs[keep], owned=None,
+                expert_idx=routing.expert_idx[keep],
+                logits=routing.logits[keep],
+                probs=routing.probs[keep],
+                owned=None,
             )
         logits = routing.logits
         n_units, n_exp = routing.probs.shape

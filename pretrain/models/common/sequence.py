@@ -45,6 +45,10 @@ class SequenceComm(Protocol):
         """``t`` of rank ``rank - hops`` (zeros on ranks below ``hops``): point to point."""
         ...
 
+    def begin(self) -> SequenceComm:
+        """These collectives for one forward (``SequenceContext.of_slice`` calls it)."""
+        ...
+
     def tie(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` made to depend (with zero weight) on every collective of this forward, so
         that each one's backward runs on every rank, in order; the model calls it on its
@@ -52,7 +56,7 @@ class SequenceComm(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class SequenceContext:
     """Where this forward's slice sits in its rows.
 
@@ -152,7 +156,7 @@ class SequenceContext:
             length=length,
             row_doc=row_doc,
             row_doc_pos=row_doc_pos,
-            comm=comm,
+            comm=comm.begin(),
         )
 
 

@@ -145,7 +145,9 @@ class Mamba2Mixer(nn.Module):
         if context is not None:
             seq_idx = context.seq_idx
         if split and (initial_state is not None or conv_state is not None or return_state):
-            raise ValueError("a split sequence context passes states itself: no states may be given")
+            raise ValueError(
+                "a split sequence context passes states itself: no states may be given"
+            )
         z, xbc, dt_raw = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
         doc = document_ids(seq_idx) if seq_idx is not None else None
         if split:
