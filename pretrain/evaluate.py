@@ -18,6 +18,7 @@ def evaluate(
     batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device,
     split: Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], Any]] | None = None,
+    sum_over_ranks: Callable[[list[float]], list[float]] | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss and perplexity over ``batches``; answer accuracy where an
     ``answer_mask`` marks answer positions (exact match of the argmax prediction).
@@ -27,7 +28,9 @@ def evaluate(
     per domain).
 
     ``split`` (context parallelism) cuts each batch to this rank's slice and gives the model its
-    sequence context; the figures are then this rank's share (the caller averages over ranks).
+    sequence context. ``sum_over_ranks`` sums the loss, token and answer counts over the ranks
+    before the ratios are taken, so loss and accuracy are token-weighted over the global batch
+    (data- and context-parallel alike); per-group accuracies stay this rank's.
 
     Returns:
         ``eval/loss``, ``eval/perplexity``, ``eval/tokens``; with answers also
@@ -58,6 +61,8 @@ def evaluate(
             if "answer_group" in batch:
                 _count_groups(group_hits, batch["answer_group"][mask], hit)
     model.train(was_training)
+    if sum_over_ranks is not None:
+        loss_sum, tokens, correct, answers = sum_over_ranks([loss_sum, tokens, correct, answers])
     loss = loss_sum / max(tokens, 1)
     out = {
         "eval/loss": loss,

@@ -156,6 +156,13 @@ class Trainer:
         dist.all_reduce(t)
         return float(t.item())
 
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if not self.info.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def _autocast(self) -> torch.autocast:
         # bf16 on GPU; fp32 on CPU (exact comparisons in tests, and CPU bf16 matmuls are slow).
         on_gpu = self.info.device.type == "cuda"
@@ -370,8 +377,13 @@ class Trainer:
         every = self.cfg.train.eval_every
         if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.steps):
             results = evaluate(
-                self.engine.module, self._eval_batches(), self.info.device, split=self.split
+                self.engine.module,
+                self._eval_batches(),
+                self.info.device,
+                split=self.split,
+                sum_over_ranks=self._sum_over_ranks,
             )
+            # global sums are equal on every rank already; per-group accuracies are averaged
             results = {k: all_reduce_mean(v, self.info) for k, v in results.items()}
             self._record({"step": self.state.step, **results})
             if self.tracker is not None:
