@@ -186,7 +186,8 @@ def test_state_combine_matches_the_serial_scan(seed: int) -> None:
 
 # ------------------------------------------------------------------ training runs
 
-SEQ = ("train.seq_len=72",)  # slices of 36 (cp=2): multiples of no chunk size
+# slices of 36 (cp=2): multiples of no chunk size; a held-out evaluation at steps 3 and 6
+SEQ = ("train.seq_len=72", "train.eval_every=3", "train.eval_batches=1")
 CP2 = ("parallel.backend=fsdp2", "parallel.cp=2")
 
 
@@ -212,6 +213,11 @@ def test_cp2_matches_one_process(one_process: Path, cp2_stopped: Path) -> None:
     for key in ("loss", "aux_loss", "grad_norm"):
         torch.testing.assert_close(row[key], ref[key], rtol=1e-5, atol=1e-7)
     assert row["tokens"] == ref["tokens"]  # both CP ranks read the same rows: counted once
+    # evaluation is token-weighted over both slices: the one-process figures
+    evals = [[r for r in logged_rows(d) if "eval/loss" in r] for d in (cp2_stopped, one_process)]
+    assert evals[0] and evals[0][0]["step"] == evals[1][0]["step"] == 3
+    for key in ("eval/loss", "eval/tokens", "eval/answer_accuracy"):
+        torch.testing.assert_close(evals[0][0][key], evals[1][0][key], rtol=1e-5, atol=1e-7)
     for key in ("ssm_state", "ssm_conv_halo", "attention_halo", "workspace_carry"):
         assert any(k.startswith(f"comm/cp/{key}/") and v > 0 for k, v in row.items()), key
 
