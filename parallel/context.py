@@ -31,40 +31,17 @@ import torch.distributed as dist
 from parallel.comm import CommStats
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, token, group, key):  # noqa: ANN001
-        ctx.group, ctx.key = group, key
-        return group._gather(t.contiguous(), f"{key}/all_gather"), token.new_zeros(())
+class _Mirrored(torch.autograd.Function):
+    """A collective whose backward is its mirror collective; threads the order token."""
 
     @staticmethod
-    def backward(ctx, grad, _grad_token):  # noqa: ANN001
-        summed = ctx.group._sum(grad.contiguous(), f"{ctx.key}/all_gather_grad")
-        return summed[ctx.group.rank], torch.zeros(()), None, None
-
-
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, token, group, key):  # noqa: ANN001
-        ctx.group, ctx.key = group, key
-        return group._sum(t.contiguous(), f"{key}/all_reduce"), token.new_zeros(())
+    def forward(ctx, t, token, forward_op, backward_op):  # noqa: ANN001
+        ctx.backward_op = backward_op
+        return forward_op(t.contiguous()), token.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad, _grad_token):  # noqa: ANN001
-        grad_in = ctx.group._sum(grad.contiguous(), f"{ctx.key}/all_reduce_grad")
-        return grad_in, torch.zeros(()), None, None
-
-
-class _Shift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, token, hops, group, key):  # noqa: ANN001
-        ctx.hops, ctx.group, ctx.key = hops, group, key
-        return group._shift(t.contiguous(), hops, f"{key}/shift"), token.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, grad, _grad_token):  # noqa: ANN001
-        grad_in = ctx.group._shift(grad.contiguous(), -ctx.hops, f"{ctx.key}/shift_grad")
-        return grad_in, torch.zeros(()), None, None, None
+        return ctx.backward_op(grad.contiguous()), torch.zeros(()), None, None
 
 
 class ContextGroup:
@@ -83,17 +60,33 @@ class ContextGroup:
         self._token: torch.Tensor | None = None
 
     def all_gather(self, t: torch.Tensor, key: str) -> torch.Tensor:
-        out, self._token = _AllGather.apply(t, self._order_token(), self, f"cp/{key}")
-        return out
+        key = f"cp/{key}"
+        return self._apply(
+            t,
+            lambda x: self._gather(x, f"{key}/all_gather"),
+            lambda g: self._sum(g, f"{key}/all_gather_grad")[self.rank],
+        )
 
     def all_reduce(self, t: torch.Tensor, key: str) -> torch.Tensor:
-        out, self._token = _AllReduce.apply(t, self._order_token(), self, f"cp/{key}")
-        return out
+        key = f"cp/{key}"
+        return self._apply(
+            t,
+            lambda x: self._sum(x, f"{key}/all_reduce"),
+            lambda g: self._sum(g, f"{key}/all_reduce_grad"),
+        )
 
     def shift(self, t: torch.Tensor, hops: int, key: str) -> torch.Tensor:
         if hops < 1:
             raise ValueError(f"shift needs hops >= 1, got {hops}")
-        out, self._token = _Shift.apply(t, self._order_token(), hops, self, f"cp/{key}")
+        key = f"cp/{key}"
+        return self._apply(
+            t,
+            lambda x: self._shift(x, hops, f"{key}/shift"),
+            lambda g: self._shift(g, -hops, f"{key}/shift_grad"),
+        )
+
+    def _apply(self, t: torch.Tensor, forward_op, backward_op) -> torch.Tensor:  # noqa: ANN001
+        out, self._token = _Mirrored.apply(t, self._order_token(), forward_op, backward_op)
         return out
 
     def begin(self) -> ContextGroup:
