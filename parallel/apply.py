@@ -1,8 +1,8 @@
 """Apply parallelism to a single-device model from outside, one step per function.
 
 The family's ``parallelize_*`` (``pretrain/models/parallelize.py``) calls these in a fixed order:
-expert parallelism (``parallel.expert``) -> context parallelism (next) -> activation
-checkpointing -> per-block torch.compile -> FSDP2 on each block (experts first, on their own
+expert parallelism (``parallel.expert``) -> (context parallelism needs nothing installed: each
+batch is cut by ``pretrain.context_split``) -> activation checkpointing -> per-block torch.compile -> FSDP2 on each block (experts first, on their own
 mesh), then the root; or DDP around the whole model. The model code knows nothing of it; with one
 process the model is returned as it was.
 """

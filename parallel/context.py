@@ -41,7 +41,8 @@ class _Mirrored(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_token):  # noqa: ANN001
-        return ctx.backward_op(grad.contiguous()), torch.zeros(()), None, None
+        grad_in = ctx.backward_op(grad.contiguous())
+        return grad_in, torch.zeros((), device=grad.device), None, None
 
 
 class ContextGroup:
@@ -58,6 +59,9 @@ class ContextGroup:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._token: torch.Tensor | None = None
+        # NCCL: a group's first P2P call must involve all of its ranks (a shift by more hops
+        # than half the group leaves some out); a collective first creates the communicator
+        dist.barrier(group=group)
 
     def all_gather(self, t: torch.Tensor, key: str) -> torch.Tensor:
         key = f"cp/{key}"
@@ -86,7 +90,7 @@ class ContextGroup:
         )
 
     def _apply(self, t: torch.Tensor, forward_op, backward_op) -> torch.Tensor:  # noqa: ANN001
-        out, self._token = _Mirrored.apply(t, self._order_token(), forward_op, backward_op)
+        out, self._token = _Mirrored.apply(t, self._order_token(t), forward_op, backward_op)
         return out
 
     def begin(self) -> ContextGroup:
@@ -104,11 +108,11 @@ class ContextGroup:
         if token is None or not torch.is_grad_enabled():
             return out
         never = torch.zeros((), dtype=torch.bool, device=out.device)
-        return out + torch.where(never, token.to(out.device), 0.0).to(out.dtype)
+        return out + torch.where(never, token, 0.0).to(out.dtype)
 
-    def _order_token(self) -> torch.Tensor:
-        if self._token is None:
-            self._token = torch.zeros((), requires_grad=torch.is_grad_enabled())
+    def _order_token(self, like: torch.Tensor) -> torch.Tensor:
+        if self._token is None:  # on the activations' device: no host round trips
+            self._token = torch.zeros((), device=like.device, requires_grad=torch.is_grad_enabled())
         return self._token
 
     # ------------------------------------------------------------------ raw collectives

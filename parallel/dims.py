@@ -5,7 +5,9 @@ borrows its ranks from ``dp_shard`` (torchtitan's dp2ep, Megatron's expert-data-
 FSDP group of ``dp_shard`` ranks splits into ``dp_shard / ep`` expert-sharding groups ("efsdp")
 of ``ep`` expert-parallel ranks, so EP costs no extra devices. Dense parameters are sharded over
 ``dp_shard`` (replicated over ``dp_replicate``: HSDP); expert parameters are split over ``ep`` and
-sharded over ``efsdp`` (replicated over ``dp_replicate``).
+sharded over ``efsdp`` (replicated over ``dp_replicate``). Context-parallel ranks (``cp``) split
+each sequence; they also shard parameters: FSDP runs over ``dp_shard x cp`` (experts over
+``efsdp x cp``).
 
 ``-1`` on one dimension fills it in from the world size. Everything is validated before anything
 is built; ``layout_problems`` collects every problem, each naming its config keys.

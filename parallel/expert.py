@@ -15,10 +15,10 @@ Autograd flows through both all-to-alls (the backward of one is the other with t
 swapped). Dropless: every row is sent, whatever the load.
 
 Gradient scale: an EP rank's expert gradient already sums the rows of every rank of its EP
-group, so FSDP's average over the expert-sharding mesh (dp_world / ep ranks) alone would leave it
+group, so FSDP's average over the expert-sharding mesh (world / ep ranks) alone would leave it
 ``ep`` times too large (the bug Megatron, DeepSpeed and megablocks each shipped). The local view
 of the expert weights scales their gradient by ``1 / ep`` on its way back (``_local_experts``),
-so the average is over the whole data-parallel world. (FSDP2's ``set_gradient_divide_factor``
+so the average is over the whole world (data x context parallel). (FSDP2's ``set_gradient_divide_factor``
 would do the same inside the reduce-scatter, but needs ``PREMUL_SUM``, which gloo lacks.)
 """
 

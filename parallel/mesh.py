@@ -3,8 +3,9 @@
 The mesh has four named dimensions, outermost first: ``dp_replicate``, ``efsdp``, ``cp``, ``ep``
 (see ``parallel.dims``): EP innermost (its all-to-alls between neighbouring ranks, inside a node),
 and ``cp`` next to ``efsdp`` so that both flatten into the one mesh that shards each EP rank's
-experts (an expert DTensor lives on (dp_replicate, efsdp x cp, ep), dims in mesh order). Flattened views built once from it:
-- ``dp_shard`` = efsdp x ep: the data-parallel ranks that shard the dense parameters;
+experts (an expert DTensor lives on (dp_replicate, efsdp x cp, ep), dims in mesh order).
+Flattened views built once from it:
+- ``dp_shard`` = efsdp x ep: the FSDP ranks of the dense parameters without context parallelism;
 - ``dp_shard_cp`` = efsdp x ep x cp: the FSDP ranks of the dense parameters under context
   parallelism (the CP ranks of a sample also shard the parameters and reduce their gradients,
   as in torchtitan);
@@ -59,10 +60,6 @@ class ParallelMesh:
             names = names[1:]
         if len(names) == 1 and names[0] in self._flat:
             return self._flat[names[0]]
-        if len(names) == 2 and names[1] in self._flat:  # (dp_replicate, flattened dim)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return self.mesh[names]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return self.mesh[names]
@@ -85,7 +82,7 @@ class ParallelMesh:
 
     @property
     def expert_fsdp(self) -> DeviceMesh | None:
-        """Mesh that shards (and replicates) each EP rank's experts: (dp_replicate, efsdp)."""
+        """Mesh that shards (and replicates) each EP rank's experts: (dp_replicate, efsdp (x cp))."""
         return self._slice("dp_replicate", "efsdp_cp" if self.dims.cp > 1 else "efsdp")
 
     @property

@@ -22,7 +22,7 @@ from parallel.dims import DIM_KEYS, ParallelDims, layout_problems
 from pretrain.config_errors import ConfigError
 from pretrain.curriculum import CurriculumConfig, StageConfig
 from pretrain.data_config import DataConfig
-from pretrain.models.config import ModelConfig, model_config_problems
+from pretrain.models.config import ModelConfig, model_config_problems, uses_ssm
 from pretrain.train_config import (
     CheckpointConfig,
     ParallelConfig,
@@ -274,7 +274,7 @@ def context_parallel_problems(cfg: RunConfig, cp: int) -> list[str]:
                 f"{key}={length} is not a multiple of parallel.cp={cp}: each context-parallel"
                 " rank takes an equal contiguous slice of every row"
             )
-        elif cfg.model.ssm.enabled and length // cp < cfg.model.ssm.d_conv - 1:
+        elif uses_ssm(cfg.model) and length // cp < cfg.model.ssm.d_conv - 1:
             problems.append(
                 f"{key}={length} / parallel.cp={cp} = {length // cp} tokens per rank is shorter"
                 f" than the SSM conv halo (model.ssm.d_conv - 1 = {cfg.model.ssm.d_conv - 1})"

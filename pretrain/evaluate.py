@@ -30,7 +30,8 @@ def evaluate(
     ``split`` (context parallelism) cuts each batch to this rank's slice and gives the model its
     sequence context. ``sum_over_ranks`` sums the loss, token and answer counts over the ranks
     before the ratios are taken, so loss and accuracy are token-weighted over the global batch
-    (data- and context-parallel alike); per-group accuracies stay this rank's.
+    (data- and context-parallel alike); per-group accuracies are then left out (ranks may see
+    different groups, and each key is reduced over the ranks by the caller).
 
     Returns:
         ``eval/loss``, ``eval/perplexity``, ``eval/tokens``; with answers also
@@ -72,7 +73,7 @@ def evaluate(
     if answers:
         out["eval/answer_accuracy"] = correct / answers
         out["eval/answers"] = float(answers)
-        if len(group_hits) > 1:  # one group is the overall accuracy again
+        if len(group_hits) > 1 and sum_over_ranks is None:  # one group: the overall accuracy
             for group, (hits, n) in sorted(group_hits.items()):
                 out[f"eval/answer_accuracy/group{group}"] = hits / n
     return out

@@ -150,11 +150,7 @@ class Trainer:
         ]
 
     def _global_count(self, value: float) -> float:
-        if not self.info.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t)
-        return float(t.item())
+        return self._sum_over_ranks([value])[0]
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if not self.info.distributed:

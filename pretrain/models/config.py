@@ -193,8 +193,7 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
             problems.append(
                 f"model.attention.n_heads: head dim {cfg.d_model // att.n_heads} must be even for RoPE"
             )
-    uses_ssm = cfg.family == "mamba2" or (cfg.family == "hydra" and ssm.enabled)
-    if uses_ssm:
+    if uses_ssm(cfg):
         d_inner = ssm.expand * cfg.d_model
         if d_inner % ssm.head_dim:
             problems.append(
@@ -228,6 +227,11 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
     if cfg.family == "transformer" and cfg.d_ff == 0 and not cfg.moe.enabled:
         problems.append("model.d_ff: a Transformer needs d_ff > 0")
     return problems
+
+
+def uses_ssm(cfg: ModelConfig) -> bool:
+    """Whether the model has SSM mixers (Mamba-2 always, Hydra unless ``ssm.enabled`` is off)."""
+    return cfg.family == "mamba2" or (cfg.family == "hydra" and cfg.ssm.enabled)
 
 
 def validate_model_config(cfg: ModelConfig) -> None:

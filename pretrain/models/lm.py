@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.common.sequence import SequenceContext, resolve_context
@@ -86,15 +86,17 @@ class CausalLM(nn.Module):
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h, block_aux = checkpoint(block, h, None, context, use_reentrant=False)
+                # a recompute stopped early could skip a collective that ends the block
+                with set_checkpoint_early_stop(not context.split):
+                    h, block_aux = checkpoint(block, h, None, context, use_reentrant=False)
             else:
                 h, block_aux = block(h, context=context)
             aux_loss = aux_loss + block_aux
+        if context.split:  # every collective of this forward is behind h now
+            h = context.comm.tie(h)
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = torch.nn.functional.linear(h, weight)
-        if context.split:
-            logits = context.comm.tie(logits)
         return ModelOutput(logits=logits, aux_loss=aux_loss)
 
 

@@ -134,9 +134,13 @@ class SparseGlobalAttention(_AttentionBase):
         frame_k, frame_v = k, v
         if halo > 0:
             kv = torch.stack([k, v])  # [2, B, T, Hkv, K]
+            # hop j brings the last min(T, halo - (j - 1) T) positions of rank r - j
             hops = math.ceil(halo / T)
-            before = [context.comm.shift(kv, j, "attention_halo") for j in range(hops, 0, -1)]
-            frame_kv = torch.cat([*before, kv], dim=2)[:, :, -(halo + T) :]
+            before = [
+                context.comm.shift(kv[:, :, T - min(T, halo - (j - 1) * T) :], j, "attention_halo")
+                for j in range(hops, 0, -1)
+            ]
+            frame_kv = torch.cat([*before, kv], dim=2)  # [2, B, halo + T, Hkv, K]
             frame_k, frame_v = frame_kv[0], frame_kv[1]
             q = torch.cat([q.new_zeros(B, halo, *q.shape[2:]), q], dim=1)
         frame_start = context.offset - halo
@@ -230,7 +234,7 @@ class CausalSelfAttention(_AttentionBase):
         kv = gathered[: context.comm.rank + 1].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
         q_pos = context.offset + torch.arange(T, device=k.device)
         k_pos = torch.arange(n_keys, device=k.device)
-        doc_q = context.row_slice(context.row_doc)
+        doc_q = context.seq_idx  # this slice's columns of row_doc
         doc_k = context.row_doc[:, :n_keys]
         mask = (k_pos[None, :] <= q_pos[:, None]) & (doc_q[:, :, None] == doc_k[:, None, :])
         return kv[0], kv[1], mask

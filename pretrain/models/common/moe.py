@@ -327,6 +327,8 @@ class ChunkMoE(nn.Module):
             )
         logits = routing.logits
         n_units, n_exp = routing.probs.shape
+        if n_units == 0 and self.reducer is None:  # every unit borrowed: nothing counts here
+            return loss
         with torch.no_grad():
             counts = torch.bincount(routing.expert_idx.reshape(-1), minlength=n_exp)
         if self.reducer is not None and self.training:

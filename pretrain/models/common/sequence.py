@@ -8,8 +8,9 @@ get it through ``comm``, a small interface that ``parallel.context`` implements 
 imports nothing from ``torch.distributed``). Per-token layers (FFN, PKM) ignore the context.
 
 Positions are global: ``doc_pos`` counts from each document's start wherever that start lies, so
-RoPE angles and chunk numbering (SSM, MoE, summary and workspace chunks) are those of the whole
-row. Document ids of the whole row (``row_doc``, small integers) are known to every rank, so each
+RoPE angles and the chunk numbering of MoE routing units, attention summaries and workspace
+segments are those of the whole row. (The SSD scan's chunks are only a way of computing it: each
+slice chunks from its own start, and the state passing makes the result that of the whole row.) Document ids of the whole row (``row_doc``, small integers) are known to every rank, so each
 rank knows the layout of every slice without communicating; only activations are exchanged.
 
 Shape legend: B batch, T slice length, L row length.
@@ -102,17 +103,15 @@ class SequenceContext:
     def doc_ids(self) -> torch.Tensor:
         """[B, T] document ids of the slice in the row's canonical numbering."""
         if self.row_doc is not None:
-            return self.row_slice(self.row_doc)
+            return self.seq_idx  # the slice of row_doc
         b, t = self.doc_pos.shape
         if self.seq_idx is None:
             return torch.zeros(b, t, dtype=torch.long, device=self.doc_pos.device)
         return document_ids(self.seq_idx)
 
-    def row_slice(self, t: torch.Tensor, start: int | None = None, stop: int | None = None):
-        """Columns ``[start, stop)`` (default: this slice) of a [B, L, ...] row tensor."""
-        start = self.offset if start is None else start
-        stop = self.offset + self.slice_len if stop is None else stop
-        return t[:, start:stop]
+    def row_slice(self, t: torch.Tensor) -> torch.Tensor:
+        """This slice's columns of a [B, L, ...] row tensor."""
+        return t[:, self.offset : self.offset + self.slice_len]
 
     @classmethod
     def whole(

@@ -201,7 +201,7 @@ class Mamba2Mixer(nn.Module):
         context: SequenceContext,
     ) -> torch.Tensor:
         """[B, T, H, P] what the state carried in from earlier slices adds to this slice's y."""
-        b, H = local_state.shape[:2]
+        H = local_state.shape[1]
         first = context.first_document()
         decay = slice_decay(log_decay, first[:, -1])  # [B, H]; 0 unless one document passes
         packed = torch.cat([local_state.flatten(1), decay.to(local_state.dtype)], dim=1)

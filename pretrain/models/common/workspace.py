@@ -231,8 +231,15 @@ class WorkspaceMemory(nn.Module):
         padded = torch.cat([padded[:, :1] + tokens_in, padded[:, 1:]], dim=1)
         valid = torch.cat([seg.token_valid[:, :1] | valid_in, seg.token_valid[:, 1:]], dim=1)
         seg = replace(seg, token_valid=valid)
-        states = self._run_slots(padded, seg, state_in.view(batch, n_slots, d_model), initial)
-        reads = self._gather_reads(padded, states, seg)
+        states, last_write = self._run_slots(
+            padded, seg, state_in.view(batch, n_slots, d_model), initial, write_last=True
+        )
+        # The last write is read by nobody here (the next rank redoes it with the whole chunk),
+        # but every rank must give every write parameter a gradient, zero or not: FSDP2
+        # reduce-scatters only the parameters that have one, and the ranks must agree.
+        never = torch.zeros((), dtype=torch.bool, device=x_n.device)
+        tie = torch.where(never, last_write.sum(), 0.0)
+        reads = self._gather_reads(padded, states, seg) + tie.to(x_n.dtype)
         # the segment of each row's last token (rows with fewer segments end in empty padding
         # segments, whose writes must not reach the next rank)
         last = (seg.flat_index[:, -1] // chunk)[:, None]  # [B, 1]
@@ -255,7 +262,8 @@ class WorkspaceMemory(nn.Module):
         seg: _Segments,
         state_in: torch.Tensor | None = None,
         initial: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        write_last: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The chunk recurrence: the slot state each segment reads, [B, S, M, D] (fp32 or wider).
 
         Args:
@@ -263,6 +271,7 @@ class WorkspaceMemory(nn.Module):
             seg: the segment layout.
             state_in: [B, M, D] state read by the first segment (default: the initial slots).
             initial: [B, M, D] the initial slots, where documents start (default: computed).
+            write_last: also run the last segment's write and return its result [B, M, D].
         """
         batch = tokens.shape[0]
         if initial is None:
@@ -273,8 +282,10 @@ class WorkspaceMemory(nn.Module):
         for s in range(seg.n_segments):
             state = torch.where(seg.starts_document[:, s, None, None], initial, state)
             states.append(state)
-            if s + 1 < seg.n_segments:  # the last segment's write would be read by nobody
+            if s + 1 < seg.n_segments or write_last:  # else read by nobody: skipped
                 state = self._write(state, keys[:, s], vals[:, s], seg.token_valid[:, s])
+        if write_last:
+            return torch.stack(states, dim=1), state
         return torch.stack(states, dim=1)
 
     def _write(
