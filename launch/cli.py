@@ -50,7 +50,30 @@ def run_params(args: argparse.Namespace) -> int:
         f"{'TOTAL':<18}{total:>16,}{active:>16,}   ({_format_count(total)} total, "
         f"{_format_count(active)} active)"
     )
+    print(_per_rank_line(cfg, total))
     return 0
+
+
+# fp32 parameter + fp32 gradient + two fp32 AdamW moments (FSDP2 shards all four)
+STATE_BYTES_PER_PARAM = 16
+
+
+def _per_rank_line(cfg, total: int) -> str:  # noqa: ANN001 - a RunConfig
+    """Parameter and optimizer memory per rank, and tokens per rank, under ``cfg.parallel``."""
+    pc = cfg.parallel
+    if pc.backend != "fsdp2" or pc.dp_shard < 1 or pc.cp < 1:
+        return (
+            f"per rank: parallel.backend={pc.backend} dp_shard={pc.dp_shard} cp={pc.cp}: set"
+            " fsdp2 with explicit dp_shard and cp for a per-rank account"
+        )
+    shards = pc.dp_shard * pc.cp  # dense over dp_shard x cp; experts over ep x efsdp x cp
+    state_gb = STATE_BYTES_PER_PARAM * total / shards / 1e9
+    tokens = cfg.train.seq_len // pc.cp
+    return (
+        f"per rank (fsdp2 over dp_shard={pc.dp_shard} x cp={pc.cp} = {shards} shards):"
+        f" params+grads+AdamW {state_gb:.2f} GB; {tokens:,} of each row's {cfg.train.seq_len:,}"
+        " tokens (activation memory: docs/results.md, Context parallelism)"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ def test_params_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["params", "--config", str(CONFIG_DIR / "hydra-1.6b.yaml")]) == 0
     out = capsys.readouterr().out
     assert "TOTAL" in out and "pkm" in out and "moe" in out
+    # 16 B per parameter over dp_shard=8 ranks
+    assert "per rank (fsdp2 over dp_shard=8 x cp=1 = 8 shards): params+grads+AdamW 3.22 GB" in out
 
 
 def test_train_runs_and_loss_goes_down(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
