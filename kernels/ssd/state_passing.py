@@ -62,7 +62,37 @@ def initial_state_output(
         [b, T, H, P] ``C_t . exp(cumsum(a)_t) h_in`` on the first document, 0 elsewhere.
     """
     acc = torch.promote_types(h_in.dtype, torch.float32)
-    H = log_decay.shape[-1]
-    C_h = C.to(acc).repeat_interleave(H // C.shape[2], dim=2)  # [b, T, H, N]
     decay = torch.exp(log_decay.to(acc).cumsum(dim=1)) * first_document[..., None].to(acc)
-    return torch.einsum("bthn,bhpn->bthp", C_h * decay[..., None], h_in.to(acc))
+    return _DecayedReadout.apply(C.to(acc), decay, h_in.to(acc))
+
+
+class _DecayedReadout(torch.autograd.Function):
+    """``out[b,t,h,p] = decay[b,t,h] sum_n C[b,t,g(h),n] h_in[b,h,p,n]`` keeping only its inputs
+    for the backward (autograd would keep a [b, T, H, P] product, or C repeated per head
+    [b, T, H, N], per layer: gigabytes at 64K tokens).
+
+    Shapes: C [b, T, G, N], decay [b, T, H], h_in [b, H, P, N]; heads grouped as (G, R).
+    """
+
+    @staticmethod
+    def forward(ctx, C, decay, h_in):  # noqa: ANN001
+        ctx.save_for_backward(C, decay, h_in)
+        b, T, G, _ = C.shape
+        H = decay.shape[-1]
+        h = h_in.unflatten(1, (G, H // G))  # [b, G, R, P, N]
+        read = torch.einsum("btgn,bgrpn->btgrp", C, h)
+        return (read * decay.view(b, T, G, H // G, 1)).flatten(2, 3)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        C, decay, h_in = ctx.saved_tensors
+        b, T, G, _ = C.shape
+        H = decay.shape[-1]
+        h = h_in.unflatten(1, (G, H // G))
+        g = grad.unflatten(2, (G, H // G))  # [b, T, G, R, P]
+        g_decayed = g * decay.view(b, T, G, H // G, 1)
+        grad_C = torch.einsum("btgrp,bgrpn->btgn", g_decayed, h)
+        grad_h = torch.einsum("btgrp,btgn->bgrpn", g_decayed, C).flatten(1, 2)
+        read = torch.einsum("btgn,bgrpn->btgrp", C, h)  # recomputed: a transient [b, T, H, P]
+        grad_decay = (g * read).sum(dim=-1).flatten(2, 3)
+        return grad_C, grad_decay, grad_h
