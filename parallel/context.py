@@ -89,6 +89,14 @@ class ContextGroup:
             lambda g: self._shift(g, -hops, f"{key}/shift_grad"),
         )
 
+    def pass_on(self, t: torch.Tensor, src: int, key: str) -> torch.Tensor:
+        key = f"cp/{key}"
+        return self._apply(
+            t,
+            lambda x: self._pass(x, src, src + 1, f"{key}/pass"),
+            lambda g: self._pass(g, src + 1, src, f"{key}/pass_grad"),
+        )
+
     def _apply(self, t: torch.Tensor, forward_op, backward_op) -> torch.Tensor:  # noqa: ANN001
         out, self._token = _Mirrored.apply(t, self._order_token(t), forward_op, backward_op)
         return out
@@ -129,6 +137,22 @@ class ContextGroup:
         n = self.size
         self.stats.add(key, round(2 * (n - 1) / n * _nbytes(t)), 2 * (n - 1))
         return out
+
+    def _pass(self, t: torch.Tensor, src: int, dst: int, key: str) -> torch.Tensor:
+        """``src`` sends ``t`` to ``dst``, which gets it; ``src`` gets zeros (what it sent is no
+        longer its own); every other rank keeps its ``t``. Nothing moves if either is outside."""
+        if not (0 <= src < self.size and 0 <= dst < self.size):
+            return t
+        tag = zlib.crc32(key.encode()) % (1 << 20)
+        if self.rank == src:
+            dist.send(t, dist.get_global_rank(self.group, dst), group=self.group, tag=tag)
+            self.stats.add(key, _nbytes(t), 1)
+            return torch.zeros_like(t)
+        if self.rank == dst:
+            out = torch.empty_like(t)
+            dist.recv(out, dist.get_global_rank(self.group, src), group=self.group, tag=tag)
+            return out
+        return t
 
     def _shift(self, t: torch.Tensor, hops: int, key: str) -> torch.Tensor:
         """Send ``t`` to rank ``rank + hops`` and receive from ``rank - hops`` (hops may be < 0)."""

@@ -79,6 +79,14 @@ def _collectives(rank: int, world: int) -> None:
             values[rank - hops] if rank >= hops else zeros,
             weights[rank + hops] if rank + hops < world else zeros,
         ]
+    # pass_on from rank 1: rank 2 gets it, rank 1 zeros, the others their own (and gradients)
+    out = comm.pass_on(x, 1, "test")
+    (grad,) = torch.autograd.grad(comm.tie((out * weights[rank]).sum() + 0 * x.sum()), x)
+    got += [out, grad]
+    want += [
+        {1: zeros, 2: values[1]}.get(rank, values[rank]),
+        {1: weights[2], 2: zeros}.get(rank, weights[rank]),
+    ]
     gathered = comm.all_gather(x, "test")
     (grad,) = torch.autograd.grad(comm.tie((gathered * w_gather[rank]).sum()), x)
     got += [gathered, grad]
@@ -92,6 +100,8 @@ def _collectives(rank: int, world: int) -> None:
     nbytes = x.numel() * x.element_size()
     assert stats.bytes["cp/test/all_gather"] == (world - 1) * nbytes
     assert stats.messages["cp/test/shift"] == (rank + 1 < world) + (rank + 2 < world)
+    assert stats.messages["cp/test/pass"] == (rank == 1)
+    assert stats.messages["cp/test/pass_grad"] == (rank == 2)
 
 
 def _checks(cp: int) -> dict[str, tuple]:

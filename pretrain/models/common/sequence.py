@@ -50,6 +50,11 @@ class SequenceComm(Protocol):
         """These collectives for one forward (``SequenceContext.of_slice`` calls it)."""
         ...
 
+    def pass_on(self, t: torch.Tensor, src: int, key: str) -> torch.Tensor:
+        """Rank ``src`` hands ``t`` to rank ``src + 1`` (which returns it); ``src`` returns zeros,
+        every other rank its own ``t``: one message, for computations that run rank by rank."""
+        ...
+
     def tie(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` made to depend (with zero weight) on every collective of this forward, so
         that each one's backward runs on every rank, in order; the model calls it on its

@@ -191,12 +191,12 @@ class WorkspaceMemory(nn.Module):
 
     def _forward_slice(self, x: torch.Tensor, context: SequenceContext) -> torch.Tensor:
         """The recurrence is not affine in the slots (softmax, gate), so the slices run one after
-        another: in turn r, rank r continues from the carry of rank r - 1 and passes its own on
-        (a point-to-point shift per turn; ``size`` turns per layer, the backward mirrors them).
+        another: in turn r, rank r continues from the carry of rank r - 1 and hands its own to
+        rank r + 1 (one message per turn, ``size - 1`` per layer; the backward mirrors them).
 
         The carry is the state read by the slice's last segment plus that segment's tokens (a
         chunk may continue on the next rank, whose write then needs them): [B, M*D + C*D + C].
-        Every rank takes part in every turn (the collectives' order token makes each shift's
+        Every rank takes part in every turn (the collectives' order token makes each turn's
         backward run on every rank, in reverse order).
         """
         batch, seq_len, d_model = x.shape
@@ -212,7 +212,7 @@ class WorkspaceMemory(nn.Module):
                 reads, out = self._slice_turn(x_n, seg, carry, initial)
             else:
                 out = carry  # not this rank's turn: pass on what it has
-            carry = context.comm.shift(out, 1, "workspace_carry")
+            carry = context.comm.pass_on(out, turn, "workspace_carry")
         return reads.to(x.dtype)
 
     def _slice_turn(
