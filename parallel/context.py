@@ -23,6 +23,7 @@ tensor n - 1 times, a (ring) all-reduce sends 2 (n - 1) / n of it, a shift sends
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import torch
@@ -105,8 +106,7 @@ class ContextGroup:
         """The same group with a fresh order token, for one forward (one micro-batch): the
         token chain of a forward, and of its activation-checkpoint recomputes, stays apart
         from every other forward's."""
-        view = object.__new__(ContextGroup)
-        view.__dict__.update(self.__dict__)
+        view = copy.copy(self)
         view._token = None
         return view
 

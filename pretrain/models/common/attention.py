@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.attention import ChunkSummaries, build_chunk_summaries, document_ids
 from kernels.attention.op import sparse_global_attention
-from kernels.attention.ref import chunk_layout, pool_chunk_sums
+from kernels.attention.ref import pool_chunk_sums
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import AttentionConfig
@@ -169,7 +169,7 @@ class SparseGlobalAttention(_AttentionBase):
         frame_doc: torch.Tensor,
     ) -> ChunkSummaries:
         """Summaries of the whole row from every rank's partial chunk sums, in frame coordinates."""
-        seg, start, end = chunk_layout(context.row_doc_pos, self.cfg.summary_chunk)
+        seg, start, end = context.row_chunk_layout(self.cfg.summary_chunk)
         n_seg = start.shape[1]
         local_seg = context.row_slice(seg)
         sums = torch.stack([pool_chunk_sums(t, local_seg, n_seg) for t in (k, v)])

@@ -10,19 +10,21 @@ imports nothing from ``torch.distributed``). Per-token layers (FFN, PKM) ignore 
 Positions are global: ``doc_pos`` counts from each document's start wherever that start lies, so
 RoPE angles and the chunk numbering of MoE routing units, attention summaries and workspace
 segments are those of the whole row. (The SSD scan's chunks are only a way of computing it: each
-slice chunks from its own start, and the state passing makes the result that of the whole row.) Document ids of the whole row (``row_doc``, small integers) are known to every rank, so each
-rank knows the layout of every slice without communicating; only activations are exchanged.
+slice chunks from its own start, and the state passing makes the result that of the whole row.)
+Document ids of the whole row (``row_doc``, small integers) are known to every rank, so each rank
+knows the layout of every slice without communicating; only activations are exchanged.
 
 Shape legend: B batch, T slice length, L row length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from kernels.attention.ref import chunk_layout
 from kernels.ssd.ref import document_ids
 from pretrain.models.common.documents import positions_in_document
 
@@ -84,6 +86,8 @@ class SequenceContext:
     row_doc: torch.Tensor | None = None
     row_doc_pos: torch.Tensor | None = None
     comm: SequenceComm | None = None
+    # row_chunk_layout per chunk size: every attention layer of a forward shares one
+    _chunk_layouts: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def split(self) -> bool:
@@ -113,6 +117,13 @@ class SequenceContext:
         if self.seq_idx is None:
             return torch.zeros(b, t, dtype=torch.long, device=self.doc_pos.device)
         return document_ids(self.seq_idx)
+
+    def row_chunk_layout(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``chunk_layout`` of the whole row (split only): chunk index [B, L] and each chunk's
+        start and end [B, S]; computed once per chunk size and forward."""
+        if chunk not in self._chunk_layouts:
+            self._chunk_layouts[chunk] = chunk_layout(self.row_doc_pos, chunk)
+        return self._chunk_layouts[chunk]
 
     def row_slice(self, t: torch.Tensor) -> torch.Tensor:
         """This slice's columns of a [B, L, ...] row tensor."""
