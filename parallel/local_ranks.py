@@ -29,6 +29,9 @@ def _entry(rank: int, world: int, init_file: str, fn: Callable, args: tuple, err
     )
     try:
         fn(rank, world, *args)
+        # no rank tears its connections down while another still talks to it: gloo aborts the
+        # other process ("terminate called without an active exception") if one exits early
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
