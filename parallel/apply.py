@@ -34,25 +34,28 @@ def apply_fsdp2(
     model: nn.Module,
     mesh: ParallelMesh,
     expert_modules: Sequence[nn.Module],
+    ignored_params: set[nn.Parameter],
     reshard_after_forward: bool,
     mixed_precision: bool,
     device_type: str,
 ) -> None:
     """FSDP2 ``fully_shard``: each EP rank's experts over the expert-sharding mesh, then every
-    block and the root over the FSDP mesh (HSDP when ``dp_replicate > 1``).
+    block and the root over the FSDP mesh (HSDP when ``dp_replicate > 1``), except the
+    ``ignored_params``.
 
     Args:
         model: the model, with ``blocks`` (an ``nn.ModuleDict``).
         mesh: the run's mesh (must have more than one rank).
         expert_modules: the MoE layers' expert modules, already split by ``apply_expert_parallel``
             when ``ep > 1`` (with ``ep == 1`` they are sharded with their block like any weight).
+        ignored_params: parameters sharded their own way (PKM value tables), left out of FSDP.
         reshard_after_forward: free gathered parameters after forward (ZeRO-3 style).
         mixed_precision: bf16 parameters and compute with fp32 gradient reduction (CUDA only).
         device_type: ``cpu`` or ``cuda``.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"reshard_after_forward": reshard_after_forward}
+    kwargs = {"reshard_after_forward": reshard_after_forward, "ignored_params": ignored_params}
     if mixed_precision and device_type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32

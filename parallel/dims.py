@@ -26,6 +26,17 @@ BACKEND_SUPPORT = {
     "deepspeed": (),
 }
 DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "ep")
+MESH_DIMS = ("dp_replicate", "efsdp", "cp", "ep")  # the device mesh's dimensions, outermost first
+# the mesh dimensions a PKM value table can be split over (``parallel.pkm_shard``); the table
+# is replicated over the others. ``fsdp``: the ranks that shard the dense parameters.
+PKM_SHARD_DIMS = {
+    "fsdp": ("efsdp", "cp", "ep"),
+    "dp_shard": ("efsdp", "ep"),
+    "efsdp": ("efsdp",),
+    "ep": ("ep",),
+    "cp": ("cp",),
+    "none": (),
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,11 @@ class ParallelDims:
     def mesh_shape(self) -> tuple[int, int, int, int]:
         """The one device mesh: (dp_replicate, efsdp, cp, ep)."""
         return (self.dp_replicate, self.efsdp, self.cp, self.ep)
+
+    def size_of(self, mesh_dims: tuple[str, ...]) -> int:
+        """Ranks along the named mesh dimensions (``mesh_shape``'s names) together."""
+        sizes = dict(zip(MESH_DIMS, self.mesh_shape, strict=True))
+        return math.prod(sizes[d] for d in mesh_dims)
 
     def describe(self) -> str:
         return (

@@ -163,13 +163,21 @@ class GroupReducer:
     Args:
         group: every rank that routes tokens (``ParallelMesh.routing_group``).
         n_ranks: the ranks whose gradients are averaged (the world: data x context parallel).
-        stats: where the bytes and messages are counted (key ``routing/all_reduce``).
+        stats: where the bytes and messages are counted (under ``key``).
+        key: the ``group/op`` the sums are counted as.
     """
 
-    def __init__(self, group: dist.ProcessGroup, n_ranks: int, stats: CommStats) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        n_ranks: int,
+        stats: CommStats,
+        key: str = "routing/all_reduce",
+    ) -> None:
         self.group = group
         self.n_ranks = n_ranks
         self.stats = stats
+        self.key = key
 
     @torch.no_grad()
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ class GroupReducer:
         dist.all_reduce(out, group=self.group)
         # counted as its payload, one message per call (the algorithm's own traffic is the
         # backend's: a ring sends 2 (n-1)/n of the payload per rank)
-        self.stats.add("routing/all_reduce", out.numel() * out.element_size(), 1)
+        self.stats.add(self.key, out.numel() * out.element_size(), 1)
         return out
 
 

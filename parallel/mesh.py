@@ -23,9 +23,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.comm import CommStats
-from parallel.dims import ParallelDims
+from parallel.dims import MESH_DIMS, PKM_SHARD_DIMS, ParallelDims
 
-MESH_DIMS = ("dp_replicate", "efsdp", "cp", "ep")
+FLAT_VIEWS = {
+    "dp_shard": ("efsdp", "ep"),
+    "dp_shard_cp": ("efsdp", "cp", "ep"),
+    "efsdp_cp": ("efsdp", "cp"),
+    "dp": ("dp_replicate", "efsdp", "ep"),
+    "world": MESH_DIMS,
+}
 
 
 class ParallelMesh:
@@ -46,11 +52,8 @@ class ParallelMesh:
         self.mesh = init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)
         with warnings.catch_warnings():  # slicing by flattened names: torch's deprecation notice
             warnings.simplefilter("ignore", UserWarning)
-            self._flat["dp_shard"] = self.mesh["efsdp", "ep"]._flatten("dp_shard")
-            self._flat["dp_shard_cp"] = self.mesh["efsdp", "cp", "ep"]._flatten("dp_shard_cp")
-            self._flat["efsdp_cp"] = self.mesh["efsdp", "cp"]._flatten("efsdp_cp")
-            self._flat["dp"] = self.mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
-            self._flat["world"] = self.mesh[MESH_DIMS]._flatten("world")
+            for name, view_dims in FLAT_VIEWS.items():
+                self._flat[name] = self.mesh[view_dims]._flatten(name)
 
     def _slice(self, *names: str) -> DeviceMesh | None:
         """The sub-mesh over ``names``, dropping size-1 ``dp_replicate`` (plain FSDP, not HSDP)."""
@@ -89,6 +92,35 @@ class ParallelMesh:
     def cp(self) -> DeviceMesh | None:
         """The context-parallel ranks that split one sequence (None when cp = 1)."""
         return self._slice("cp") if self.dims.cp > 1 else None
+
+    def table_mesh(self, over: str) -> DeviceMesh | None:
+        """The 1-D mesh a PKM value table is split over (``PKM_SHARD_DIMS[over]`` flattened),
+        or None when that is a single rank (nothing to split)."""
+        return self._flat_dims(over, PKM_SHARD_DIMS[over])
+
+    def table_replicas(self, over: str) -> DeviceMesh | None:
+        """The ranks that hold the same PKM shard as this one (every other mesh dimension),
+        or None when no other rank does."""
+        rest = tuple(d for d in MESH_DIMS if d not in PKM_SHARD_DIMS[over])
+        return self._flat_dims(f"{over}_replicas", rest)
+
+    def _flat_dims(self, name: str, dims: tuple[str, ...]) -> DeviceMesh | None:
+        """``dims`` (size-1 ones dropped) as one flattened 1-D mesh, built once per name; the
+        same mesh object as an existing view when the ranks are the same."""
+        dims = tuple(d for d in dims if self.dims.size_of((d,)) > 1)
+        if self.mesh is None or not dims:
+            return None
+        if len(dims) == 1:
+            return self._slice(dims[0])
+        for view, view_dims in FLAT_VIEWS.items():
+            if dims == tuple(d for d in view_dims if self.dims.size_of((d,)) > 1):
+                return self._flat[view]
+        key = f"pkm_{name}"
+        if key not in self._flat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._flat[key] = self.mesh[dims]._flatten(key)
+        return self._flat[key]
 
     @property
     def routing_group(self) -> dist.ProcessGroup | None:

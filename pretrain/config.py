@@ -18,7 +18,7 @@ import yaml
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataConfigError
-from parallel.dims import DIM_KEYS, ParallelDims, layout_problems
+from parallel.dims import DIM_KEYS, PKM_SHARD_DIMS, ParallelDims, layout_problems
 from pretrain.config_errors import ConfigError
 from pretrain.curriculum import CurriculumConfig, StageConfig
 from pretrain.data_config import DataConfig
@@ -249,7 +249,35 @@ def parallel_layout_problems(
     pc = cfg.parallel
     sizes = {k: getattr(pc, k) for k in DIM_KEYS}
     problems, sizes = layout_problems(sizes, world_size, pc.backend, moe_experts_per_layer(cfg))
-    return problems + context_parallel_problems(cfg, sizes["cp"]), sizes
+    problems += context_parallel_problems(cfg, sizes["cp"])
+    return problems + pkm_shard_problems(cfg, sizes, world_size), sizes
+
+
+def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int], world_size: int | None) -> list[str]:
+    """A PKM split the backend cannot run, or value columns that do not split evenly."""
+    over = cfg.parallel.pkm_shard
+    model = cfg.model
+    has_pkm = model.family == "hydra" and model.pkm.enabled and bool(model.pkm.after_blocks)
+    if over == "none" or not has_pkm:
+        return []
+    if cfg.parallel.backend != "fsdp2":
+        if over == "fsdp":
+            return []  # the default: other backends have no FSDP ranks, the table stays whole
+        return [
+            f"parallel.pkm_shard={over} needs parallel.backend=fsdp2 (got"
+            f" {cfg.parallel.backend}); set parallel.pkm_shard=none or fsdp"
+        ]
+    if world_size is None or min(sizes.values()) < 1:
+        return []
+    dims = ParallelDims(**sizes)
+    n = dims.size_of(PKM_SHARD_DIMS[over])
+    d_value = model.pkm.d_value or model.d_model
+    if d_value % n:
+        return [
+            f"parallel.pkm_shard={over} splits the PKM value columns over {n} ranks, which does"
+            f" not divide model.pkm.d_value={d_value}"
+        ]
+    return []
 
 
 def context_parallel_problems(cfg: RunConfig, cp: int) -> list[str]:

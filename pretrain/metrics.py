@@ -19,7 +19,8 @@ def moe_layers(model: nn.Module) -> dict[str, ChunkMoE]:
 
 def component_metrics(model: nn.Module) -> dict[str, float]:
     """Per-expert load (fraction of tokens, per MoE layer, over every routing rank), tokens per
-    EP rank, PKM usage and gate values.
+    EP rank, PKM usage (over the logging window and every rank) and lookup time (forward and
+    backward of the last step; ``step_shares`` turns it into a share of the step), gate values.
 
     Call after the components' after-optimizer-step hooks (which sum the MoE load over ranks).
     """
@@ -33,13 +34,24 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
             out.update(_tokens_per_ep_rank(layer, moe))
     for name, m in model.named_modules():
         if isinstance(m, ProductKeyMemory):
-            out[f"pkm/L{name.split('.')[1]}/key_usage"] = float(m.key_usage())
+            layer = name.split(".")[1]
+            out[f"pkm/L{layer}/key_usage"] = float(m.key_usage())
+            out[f"pkm/L{layer}/lookup_time_s"] = m.lookup_timer.last_step_s()
             m.reset_usage()
     for bname, block in model.blocks.items():
         for path, gate in block.gates.items():
             value = gate.full_tensor() if hasattr(gate, "full_tensor") else gate
             out[f"gate/L{bname}/{path}"] = float(value.detach().float())
     return out
+
+
+def step_shares(metrics: dict[str, float], step_time_s: float) -> dict[str, float]:
+    """``<name>_share`` = ``<name>_time_s / step_time_s`` for each component timing."""
+    return {
+        key.removesuffix("_time_s") + "_share": value / step_time_s
+        for key, value in metrics.items()
+        if key.endswith("_time_s") and step_time_s > 0
+    }
 
 
 def _tokens_per_ep_rank(layer: str, moe: ChunkMoE) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from parallel.dims import PKM_SHARD_DIMS
 from pretrain.config_errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd")
@@ -96,8 +97,11 @@ class ParallelConfig:
     backend: str = "none"  # none | ddp | fsdp2 | deepspeed
     dp_replicate: int = 1  # HSDP replicas (fsdp2): each holds one FSDP-sharded copy
     dp_shard: int = -1  # FSDP ranks sharding the dense parameters (-1: the rest of the world)
-    cp: int = 1  # context-parallel ranks per sequence (not implemented yet: must be 1)
+    cp: int = 1  # context-parallel ranks per sequence
     ep: int = 1  # expert-parallel ranks (fsdp2), a divisor of dp_shard and model.moe.n_experts
+    # PKM value tables split by columns over these ranks, outside FSDP (fsdp2 only): fsdp (the
+    # dense parameters' FSDP ranks) | dp_shard | efsdp | ep | cp | none (sharded with its block)
+    pkm_shard: str = "fsdp"
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage and options
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 style)
     mixed_precision: bool = True  # bf16 params/compute with fp32 reduce, on CUDA only
@@ -110,6 +114,11 @@ class ParallelConfig:
             f"must be one of {list(PARALLEL_BACKENDS)}",
         )
         _require(self.timeout_s >= 1, "parallel.timeout_s", "must be >= 1")
+        _require(
+            self.pkm_shard in PKM_SHARD_DIMS,
+            "parallel.pkm_shard",
+            f"must be one of {list(PKM_SHARD_DIMS)}",
+        )
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pretrain.data_config import reader_config
 from pretrain.evaluate import evaluate
 from pretrain.flops import count_flops, device_peak_flops
 from pretrain.loss import IGNORE_INDEX
-from pretrain.metrics import component_metrics, peak_memory_gib
+from pretrain.metrics import component_metrics, peak_memory_gib, step_shares
 from pretrain.models.lm import CausalLM
 from pretrain.optim import lr_multiplier
 from pretrain.plots import plot_training_curves, read_metrics
@@ -238,6 +238,7 @@ class Trainer:
             "tokens": float(self.state.tokens),
             "skipped": 0.0 if finite else 1.0,
             **component,
+            **step_shares(component, elapsed),
         }
         metrics.update(self._throughput_metrics(stage, tokens / elapsed))
         return metrics

@@ -3,11 +3,13 @@
 Order (each step sees the result of the previous one):
 1. expert parallelism: each MoE layer's experts split over the EP ranks, its dispatcher and the
    routing-statistics reducer installed (``parallel.expert``);
-2. context parallelism (not implemented yet: ``parallel.cp`` must be 1);
-3. activation checkpointing;
-4. per-block ``torch.compile``;
-5. FSDP2: the experts of each MoE layer on the expert-sharding mesh, then every block, then the
-   root, on the FSDP mesh; or DDP around the model.
+2. context parallelism: nothing to install (``pretrain.context_split`` cuts each batch);
+3. PKM: the value tables split by columns over ``parallel.pkm_shard`` (FSDP2 only), with their
+   sharded lookup, and the key-usage reducer (``parallel.pkm``);
+4. activation checkpointing;
+5. per-block ``torch.compile``;
+6. FSDP2: the experts of each MoE layer on the expert-sharding mesh, then every block, then the
+   root, on the FSDP mesh, leaving the split PKM tables out; or DDP around the model.
 
 Hydra, the Transformer and Mamba-2 share one layered stack (embedding -> blocks -> head), so they
 share ``parallelize_layered``; a family with another stack registers its own.
@@ -24,7 +26,9 @@ from parallel.apply import apply_activation_checkpointing, apply_compile, apply_
 from parallel.dist import DistInfo
 from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelMesh
+from parallel.pkm import apply_pkm_parallel
 from pretrain.models.common.moe import ChunkMoE
+from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.lm import CausalLM
 from pretrain.train_config import ParallelConfig, TrainConfig
 
@@ -46,6 +50,9 @@ def parallelize_layered(
     """
     moe_layers = [m for m in model.modules() if isinstance(m, ChunkMoE)]
     apply_expert_parallel(moe_layers, mesh)
+    pkm_layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    pkm_over = parallel.pkm_shard if parallel.backend == "fsdp2" else "none"
+    sharded_tables = apply_pkm_parallel(pkm_layers, mesh, pkm_over)
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train.compile:
@@ -55,14 +62,16 @@ def parallelize_layered(
             model,
             mesh,
             [m.experts for m in moe_layers],
+            ignored_params=sharded_tables,
             reshard_after_forward=parallel.reshard_after_forward,
             mixed_precision=parallel.mixed_precision,
             device_type=info.device.type,
         )
         logger.info(
-            "FSDP2 on %s (reshard_after_forward=%s)",
+            "FSDP2 on %s (reshard_after_forward=%s); PKM tables split over %s",
             mesh.dims.describe(),
             parallel.reshard_after_forward,
+            pkm_over if sharded_tables else "none",
         )
         return model
     if parallel.backend == "ddp" and info.distributed:

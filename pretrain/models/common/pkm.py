@@ -13,13 +13,35 @@ S n_subkeys, R = S*S value rows, k top_k, Dv value size.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from kernels.pkm import pkm_select
 from kernels.pkm.op import pkm_lookup
 from pretrain.models.common.layers import RMSNorm
+from pretrain.models.common.span_timer import SpanTimer
 from pretrain.models.config import PKMConfig
+
+
+class ValueLookup(Protocol):
+    """The weighted bag of value rows: ``out[t] = sum_j weights[t, j] * values[indices[t, j]]``.
+
+    One process: ``kernels.pkm.op.pkm_lookup`` on the whole table. A sharded table gets
+    ``parallel.pkm.ShardedBagLookup`` installed from outside (model files know no process
+    group).
+    """
+
+    def __call__(
+        self, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, backend: str
+    ) -> torch.Tensor: ...
+
+
+class UsageReducer(Protocol):
+    """Sums a tensor over every rank (``parallel.expert.GroupReducer``); no-op with one process."""
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class ProductKeyMemory(nn.Module):
@@ -38,13 +60,16 @@ class ProductKeyMemory(nn.Module):
 
     Buffer ``usage_counts`` [R] (int64, not persistent) counts how often each row was read in
     training mode since the last ``reset_usage()``; ``key_usage()`` turns it into the fraction of
-    rows used. Under data parallelism each rank counts its own tokens.
+    rows used, over every rank's tokens when a ``reducer`` is installed (a collective then).
+    ``lookup_timer`` times the bag (forward and backward) of each training step.
     """
 
     # The block gives it the raw residual: it applies its own input RMSNorm (self.norm).
     normalizes_input = True
     kernel_op = "pkm"  # which kernel backend setting applies (see kernels.backends)
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
+    lookup: ValueLookup = staticmethod(pkm_lookup)  # replaced by a sharded one (parallel.pkm)
+    reducer: UsageReducer | None = None  # sums the usage counts over ranks (installed outside)
 
     def __init__(self, d_model: int, cfg: PKMConfig, norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -64,6 +89,7 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer(
             "usage_counts", torch.zeros(self.n_rows, dtype=torch.long), persistent=False
         )
+        self.lookup_timer = SpanTimer()
         self.init_weights()
 
     def init_weights(self, init_std: float = 0.02) -> None:
@@ -118,10 +144,15 @@ class ProductKeyMemory(nn.Module):
         """
         batch, seq_len, _ = x.shape
         indices, weights = self.select(x)
-        if self.training:
+        timer = self.lookup_timer if self.training else None
+        if timer is not None:
             self._count_usage(indices)
+            start = timer.mark(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            read = pkm_lookup(self.values.weight, indices, weights, self.kernel_backend)  # [N, Dv]
+            read = self.lookup(self.values.weight, indices, weights, self.kernel_backend)  # [N, Dv]
+        if timer is not None:
+            timer.add(start, timer.mark(x.device))
+            timer.time_backward(read, weights)
         read = read.reshape(batch, seq_len, self.d_value).to(x.dtype)
         return self.out(read) if self.out is not None else read
 
@@ -131,8 +162,14 @@ class ProductKeyMemory(nn.Module):
         self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
 
     def key_usage(self) -> float:
-        """Fraction of the R value rows read at least once in training mode since the last reset."""
-        return (self.usage_counts > 0).float().mean().item()
+        """Fraction of the R value rows read at least once in training mode since the last reset
+        (by any rank, when a ``reducer`` is installed: every rank must call it then)."""
+        counts = self.usage_counts if self.reducer is None else self.reducer.sum(self.usage_counts)
+        return (counts > 0).float().mean().item()
+
+    def after_optimizer_step(self, stepped: bool) -> None:
+        """Close the step's lookup timing (``lookup_timer.last_step_s()`` reads it)."""
+        self.lookup_timer.end_step()
 
     def reset_usage(self) -> None:
         """Clear the usage counts (e.g. after each logging interval)."""
