@@ -50,7 +50,8 @@ def run_params(args: argparse.Namespace) -> int:
         f"{'TOTAL':<18}{total:>16,}{active:>16,}   ({_format_count(total)} total, "
         f"{_format_count(active)} active)"
     )
-    print(_per_rank_line(cfg, total))
+    tables = sum(p.numel() for n, p in model.named_parameters() if n.endswith("values.weight"))
+    print(_per_rank_line(cfg, total, tables))
     return 0
 
 
@@ -58,22 +59,42 @@ def run_params(args: argparse.Namespace) -> int:
 STATE_BYTES_PER_PARAM = 16
 
 
-def _per_rank_line(cfg, total: int) -> str:  # noqa: ANN001 - a RunConfig
-    """Parameter and optimizer memory per rank, and tokens per rank, under ``cfg.parallel``."""
+def _per_rank_line(cfg, total: int, tables: int) -> str:  # noqa: ANN001 - a RunConfig
+    """Parameter and optimizer memory per rank, and tokens per rank, under ``cfg.parallel``;
+    the PKM value tables (``tables`` parameters) are split over ``parallel.pkm_shard``."""
+    from parallel.dims import PKM_SHARD_DIMS, ParallelDims
+
     pc = cfg.parallel
-    if pc.backend != "fsdp2" or pc.dp_shard < 1 or pc.cp < 1:
+    if pc.backend != "fsdp2" or min(pc.dp_shard, pc.cp, pc.ep) < 1:
         return (
             f"per rank: parallel.backend={pc.backend} dp_shard={pc.dp_shard} cp={pc.cp}: set"
             " fsdp2 with explicit dp_shard and cp for a per-rank account"
         )
+    # HSDP replicas do not change what one rank holds: count one
+    dims = ParallelDims(1, pc.dp_shard, pc.cp, pc.ep)
     shards = pc.dp_shard * pc.cp  # dense over dp_shard x cp; experts over ep x efsdp x cp
-    state_gb = STATE_BYTES_PER_PARAM * total / shards / 1e9
+    table_shards = dims.size_of(PKM_SHARD_DIMS[pc.pkm_shard]) if pc.pkm_shard != "none" else 0
+    if table_shards == 0:  # left to FSDP: sharded like the rest, all-gathered in each forward
+        table_shards = shards
+    state_gb = STATE_BYTES_PER_PARAM * ((total - tables) / shards + tables / table_shards) / 1e9
     tokens = cfg.train.seq_len // pc.cp
-    return (
+    line = (
         f"per rank (fsdp2 over dp_shard={pc.dp_shard} x cp={pc.cp} = {shards} shards):"
         f" params+grads+AdamW {state_gb:.2f} GB; {tokens:,} of each row's {cfg.train.seq_len:,}"
         " tokens (activation memory: docs/results.md, Context parallelism)"
     )
+    if tables:
+        table_gb = STATE_BYTES_PER_PARAM * tables / table_shards / 1e9
+        how = (
+            f"split by columns over {table_shards} ranks (parallel.pkm_shard={pc.pkm_shard})"
+            if pc.pkm_shard != "none"
+            else f"in FSDP: each forward all-gathers all {tables * 4 / 1e9:.2f} GB (fp32)"
+        )
+        line += (
+            f"\nPKM value tables: {_format_count(tables)} params, {how}: {table_gb:.2f} GB of"
+            f" params+grads+AdamW per rank ({STATE_BYTES_PER_PARAM * tables / 1e9:.2f} GB whole)"
+        )
+    return line
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ bag is a full-width [n N, Dv] that has to be summed across the group (n times th
 column exchange below), and the work follows the key usage, which is uneven.
 
 A forward on rank r of n, with N tokens of ``H k`` reads each:
-1. all-gather every rank's rows and weights: [n N, H k] each (int64 and fp32);
+1. all-gather every rank's rows and weights: [n N, H k] each (int32 and fp32);
 2. the local weighted bag of those reads over this rank's columns: [n N, Dv / n] (the Triton
    bag on GPU, ``F.embedding_bag`` on CPU: ``kernels.pkm.op.pkm_lookup``);
 3. an all-to-all gives block j of those rows to rank j, which puts the n column blocks of its
@@ -162,7 +162,9 @@ class ShardedBagLookup:
         """
         local = values.to_local() if isinstance(values, DTensor) else values
         local = _ShardGradient.apply(local, 1.0 / self.world_size, self.replicas, self.stats)
-        rows = _gather_rows(indices, self.group, self.stats, "pkm/all_gather")
+        # rows travel as int32 (a table has fewer than 2**31 rows): 4 bytes a read, not 8
+        rows = _gather_rows(indices.to(torch.int32), self.group, self.stats, "pkm/all_gather")
+        rows = rows.to(indices.dtype)
         part = pkm_lookup(local, rows, _GatherReads.apply(weights, self.group, self.stats), backend)
         return _ExchangeColumns.apply(part, self.group, self.stats)
 

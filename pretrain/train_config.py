@@ -129,6 +129,9 @@ class TrackingConfig:
     experiment: str = "hydra-pretrain"
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
     system_metrics: bool = True
+    # at the first checkpoint, how long to wait for the new MLflow run to exist so that the
+    # checkpoint can name it (a resume then continues that run); the wait ends when it exists
+    run_id_wait_s: float = 10.0
 
 
 @dataclass

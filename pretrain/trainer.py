@@ -42,7 +42,6 @@ logger = logging.getLogger("pretrain")
 
 EVAL_SEED_OFFSET = 1_000_003  # synthetic held-out data: a seed no training stage uses
 STAGE_SEED_STRIDE = 1_000  # each stage reads its own sample order
-RUN_ID_WAIT_S = 10.0  # at a checkpoint, how long to wait for a new MLflow run's id
 MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 2  # then non-finite losses are not transient: stop
 
 
@@ -279,7 +278,7 @@ class Trainer:
         if self.tracker is not None:
             # A new run is created in the background; give it a moment so the checkpoint can
             # name it (a store that stays down leaves None: the resume then starts a new run).
-            wait_s = 0.0 if self._run_id_waited else RUN_ID_WAIT_S
+            wait_s = 0.0 if self._run_id_waited else self.cfg.tracking.run_id_wait_s
             self._run_id_waited = True  # wait once per process, not at every checkpoint
             run_id = self.tracker.run_id or self.tracker.wait_for_run(wait_s)
         if self.info.distributed:

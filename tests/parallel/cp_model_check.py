@@ -105,3 +105,17 @@ def run_checks(rank: int, world: int, checks: dict[str, tuple], out_dir: str) ->
         except Exception:  # noqa: BLE001 - reported per check by the test that reads it
             results[name] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def spawn_checks(world: int, checks: dict[str, tuple], out_dir: Path) -> list[dict[str, str]]:
+    """``run_checks`` on ``world`` spawned gloo ranks; per rank, ``{name: traceback or ""}``."""
+    from parallel.local_ranks import run_on_ranks
+
+    run_on_ranks(world, run_checks, checks, str(out_dir))
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_passed(results: list[dict[str, str]], name: str) -> None:
+    """Fail with every rank's traceback of check ``name``."""
+    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res[name]]
+    assert not errors, "\n".join(errors)

@@ -15,7 +15,6 @@ with the losses of the uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from kernels.ssd.ref import ssd_scan_chunked, ssd_scan_sequential
 from kernels.ssd.state_passing import incoming_state, initial_state_output, slice_decay
 from parallel.comm import CommStats
 from parallel.context import ContextGroup
-from parallel.local_ranks import run_on_ranks
-from tests.parallel.cp_model_check import check_model, run_checks
-from tests.parallel.test_distributed_training import DUMP, _assert_same_training
+from tests.parallel.cp_model_check import assert_passed, check_model, spawn_checks
+from tests.parallel.test_distributed_training import DUMP, _assert_same_training, table_shapes
 from tests.parallel.test_expert_parallel import GRADS, _assert_same_gradients
 from tests.pretrain.trainer_helpers import logged_rows, run_training
 
@@ -117,35 +115,25 @@ def _checks(cp: int) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def cp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, str]]]:
     """Every model-level check, one spawn of ``cp`` ranks per degree; per rank: name -> error."""
-    results = {}
-    for cp in (2, 4):
-        out = tmp_path_factory.mktemp(f"cp{cp}")
-        run_on_ranks(cp, run_checks, _checks(cp), str(out))
-        results[cp] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(cp)]
-    return results
-
-
-def _assert_passed(results: list[dict[str, str]], name: str) -> None:
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res[name]]
-    assert not errors, "\n".join(errors)
+    return {cp: spawn_checks(cp, _checks(cp), tmp_path_factory.mktemp(f"cp{cp}")) for cp in (2, 4)}
 
 
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("model", ["hydra", "mamba2", "transformer"])
 def test_model_under_cp_matches_one_process(cp_results: dict, model: str, cp: int) -> None:
-    _assert_passed(cp_results[cp], model)
+    assert_passed(cp_results[cp], model)
 
 
 def test_token_routing_under_cp4_matches_one_process(cp_results: dict) -> None:
-    _assert_passed(cp_results[4], "hydra_token_routing")
+    assert_passed(cp_results[4], "hydra_token_routing")
 
 
 def test_unpacked_rows_under_cp4_give_every_rank_every_gradient(cp_results: dict) -> None:
-    _assert_passed(cp_results[4], "hydra_one_document")
+    assert_passed(cp_results[4], "hydra_one_document")
 
 
 def test_collectives_forward_and_backward_on_4_ranks(cp_results: dict) -> None:
-    _assert_passed(cp_results[4], "collectives")
+    assert_passed(cp_results[4], "collectives")
 
 
 def _ssd_inputs(seed: int, T: int = 40) -> tuple[torch.Tensor, ...]:
@@ -269,3 +257,4 @@ def test_four_ranks_with_cp2_match_one_process(
     run_training(tmp_path, *SEQ, *CP2, "train.batch_size=2", *layout, nproc=4, env=GRADS)
     _assert_same_gradients(one_process, tmp_path)
     _assert_same_training(one_process, tmp_path)
+    assert table_shapes(tmp_path) == [[256, 16]]  # the PKM table over dp_shard x cp

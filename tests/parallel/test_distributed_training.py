@@ -10,6 +10,7 @@ Resume within one layout is exact (bitwise).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,16 @@ from tests.pretrain.trainer_helpers import logged_rows, losses, run_training
 # function of the global batch as in one process.
 GLOBAL_BATCH_1 = ("train.batch_size=4",)
 GLOBAL_BATCH_2 = ("train.batch_size=2",)  # 2 ranks x 2 = the same 4 rows per step
+GLOBAL_BATCH_4 = ("train.batch_size=1",)
 
 
 def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final_params.safetensors")
+
+
+def table_shapes(run_dir: Path) -> list[list[int]]:
+    """Shapes of rank 0's part of each PKM value table (the tiny table is [256, 64])."""
+    return list(json.loads((run_dir / "table_shapes.json").read_text()).values())
 
 
 def _grad_norms(run_dir: Path) -> list[float]:
@@ -70,6 +77,11 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backend: str) -> None:
     run_training(tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP)
     _assert_same_training(single_process, tmp_path)
+    # FSDP2 splits the PKM table's columns over its 2 ranks (parallel.pkm_shard=fsdp)
+    assert table_shapes(tmp_path) == [[256, 32] if "fsdp2" in backend else [256, 64]]
+    logged = [row for row in logged_rows(tmp_path) if "pkm/L0/lookup_share" in row]
+    assert logged and all(0 < r["pkm/L0/lookup_share"] < 1 for r in logged)
+    assert all(0 < r["pkm/L0/key_usage"] <= 1 for r in logged)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +100,7 @@ def test_two_rank_resume_is_exact(tmp_path: Path, backend: str) -> None:
 
 
 def test_checkpoint_moves_between_world_sizes(tmp_path: Path, single_process: Path) -> None:
+    """FSDP2 with the PKM table split over 2, 1 or 4 ranks; every move resumes equal."""
     # 2 ranks -> 1 rank: model, optimizer and the data position carry over.
     run_training(
         tmp_path / "two_then_one", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3
@@ -100,3 +113,12 @@ def test_checkpoint_moves_between_world_sizes(tmp_path: Path, single_process: Pa
         tmp_path / "one_then_two", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, env=DUMP
     )
     _assert_same_training(single_process, tmp_path / "one_then_two")
+    # 2 ranks -> 4 ranks: each of the PKM table's 2 column shards is split in two.
+    run_training(
+        tmp_path / "two_then_four", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3
+    )
+    run_training(
+        tmp_path / "two_then_four", *GLOBAL_BATCH_4, "parallel.backend=fsdp2", nproc=4, env=DUMP
+    )
+    _assert_same_training(single_process, tmp_path / "two_then_four")
+    assert table_shapes(tmp_path / "two_then_four") == [[256, 16]]

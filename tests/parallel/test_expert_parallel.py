@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.train import main as train_main
-from tests.parallel.test_distributed_training import DUMP, _assert_same_training
+from tests.parallel.test_distributed_training import DUMP, _assert_same_training, table_shapes
 from tests.pretrain.trainer_helpers import FAST, TINY, logged_rows, run_training
 
 GRADS = {**DUMP, "HYDRA_TEST_DUMP_GRADS": "1"}
@@ -90,8 +90,10 @@ def test_ep2_token_routing_grad_accum_matches_one_process(
 
 @pytest.mark.parametrize(
     "layout",
-    ["parallel.dp_shard=4", "parallel.dp_replicate=2 parallel.dp_shard=2"],
-    ids=["fsdp4_ep2", "hsdp2x2_ep2"],
+    # the PKM table over the 2 EP ranks (replicated over efsdp), or over dp_shard (replicated
+    # over dp_replicate)
+    ["parallel.dp_shard=4 parallel.pkm_shard=ep", "parallel.dp_replicate=2 parallel.dp_shard=2"],
+    ids=["fsdp4_ep2_pkm_over_ep", "hsdp2x2_ep2"],
 )
 def test_four_ranks_match_one_process(
     tmp_path: Path, single_token_routing: Path, layout: str
@@ -107,6 +109,7 @@ def test_four_ranks_match_one_process(
     )
     _assert_same_training(single_token_routing, tmp_path)
     _assert_same_gradients(single_token_routing, tmp_path)
+    assert table_shapes(tmp_path) == [[256, 32]]
 
 
 def test_checkpoint_moves_between_ep_layouts(tmp_path: Path, single_chunk_routing: Path) -> None:

@@ -25,8 +25,6 @@ parallel paths: ``test_distributed_training`` (2 ranks, checkpoints 2 -> 1, 1 ->
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,14 +32,13 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.dims import PKM_SHARD_DIMS, ParallelDims
-from parallel.local_ranks import run_on_ranks
 from parallel.mesh import ParallelMesh
 from parallel.pkm import apply_pkm_parallel
 from pretrain.config import ConfigError, load_config, resolve_parallel_dims
 from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.config import PKMConfig
 from pretrain.optim import build_optimizer
-from tests.parallel.cp_model_check import run_checks
+from tests.parallel.cp_model_check import assert_passed, spawn_checks
 from tests.pretrain.trainer_helpers import TINY
 
 D, ROWS_PER_RANK, T = 16, 2, 6
@@ -169,7 +166,7 @@ def _counted_bytes_problems(mesh: ParallelMesh, n: int, dims: ParallelDims) -> l
     replicas = dims.world_size // n
     shard_bytes = R * (D // n) * 4
     expected = {
-        "pkm/all_gather": (n - 1) * tokens * HK * (8 + 4),  # rows and weights
+        "pkm/all_gather": (n - 1) * tokens * HK * (4 + 4),  # int32 rows and fp32 weights
         "pkm/reduce_scatter": (n - 1) * tokens * HK * 4,
         "pkm/all_to_all": out_bytes,
         "pkm/all_to_all_grad": out_bytes,
@@ -191,26 +188,16 @@ def _checks(world: int) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, str]]]:
-    out = {}
-    for world in (2, 4):
-        path = tmp_path_factory.mktemp(f"pkm{world}")
-        run_on_ranks(world, run_checks, _checks(world), str(path))
-        out[world] = [json.loads((path / f"rank{r}.json").read_text()) for r in range(world)]
-    return out
-
-
-def _assert_passed(results: list[dict[str, str]], name: str) -> None:
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res[name]]
-    assert not errors, "\n".join(errors)
+    return {w: spawn_checks(w, _checks(w), tmp_path_factory.mktemp(f"pkm{w}")) for w in (2, 4)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_table_over_all_ranks_matches_one_process(results: dict, world: int) -> None:
-    _assert_passed(results[world], "all_ranks")
+    assert_passed(results[world], "all_ranks")
 
 
 def test_table_over_ep_ranks_with_replicas_matches_one_process(results: dict) -> None:
-    _assert_passed(results[4], "ep_with_replicas")
+    assert_passed(results[4], "ep_with_replicas")
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,21 @@ def test_key_usage_counts_training_reads_only() -> None:
     assert module.key_usage() == 0.0
 
 
+def test_lookup_timer_spans_forward_and_backward_of_training_steps() -> None:
+    module = _build(seed=5)
+    x = torch.randn(2, 5, D_MODEL, requires_grad=True)
+    module.eval()
+    module(x).sum().backward()
+    module.after_optimizer_step(stepped=True)
+    assert module.lookup_timer.last_step_s() == 0.0  # evaluation is not timed
+    module.train()
+    module(x).sum().backward()
+    assert len(module.lookup_timer._spans) == 2  # the forward and the backward
+    module.after_optimizer_step(stepped=True)
+    assert module.lookup_timer.last_step_s() > 0.0
+    assert module.lookup_timer._spans == []  # the next step starts empty
+
+
 def test_meta_build_then_init_weights() -> None:
     with torch.device("meta"):
         module = ProductKeyMemory(D_MODEL, PKMConfig(n_subkeys=8, top_k=4, n_heads=2, d_key=8))

@@ -203,13 +203,21 @@ def test_unreachable_mlflow_does_not_stop_training(tmp_path: Path) -> None:
         "tracking.enabled=true",
         "tracking.uri=http://127.0.0.1:9",
         "tracking.system_metrics=false",
+        "tracking.run_id_wait_s=0",  # no run will ever exist: do not wait for one
     )
     assert len(losses(tmp_path)) == 6
 
 
 def test_mlflow_run_continues_after_resume_without_duplicate_steps(tmp_path: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
-    extra = ("tracking.enabled=true", "tracking.system_metrics=false", "run.plot=true")
+    extra = (
+        "tracking.enabled=true",
+        "tracking.system_metrics=false",
+        "run.plot=true",
+        # on a busy machine a new sqlite store can take longer than the default 10 s to create;
+        # the wait ends as soon as the run exists
+        "tracking.run_id_wait_s=600",
+    )
     run_training(tmp_path, *extra, stop_at=3)
     run_training(tmp_path, *extra)
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

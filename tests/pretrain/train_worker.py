@@ -6,6 +6,7 @@ SIGTERM would (checkpoint, clean exit). Used by the trainer tests:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,19 @@ def dump_full_params(trainer: Trainer, path: Path) -> None:
         save_file(params, str(path))
 
 
+def dump_table_shapes(trainer, path: Path) -> None:  # noqa: ANN001
+    """The shape of the part of each PKM value table that rank 0 holds (a shard when split)."""
+    from torch.distributed.tensor import DTensor
+
+    if trainer.info.is_main:
+        shapes = {
+            name: list((p.to_local() if isinstance(p, DTensor) else p).shape)
+            for name, p in trainer.model.named_parameters()
+            if name.endswith("values.weight")
+        }
+        path.write_text(json.dumps(shapes))
+
+
 def main(argv: list[str]) -> int:
     config, stop_at, *overrides = argv
     cfg = load_config(config, overrides)
@@ -89,6 +103,7 @@ def main(argv: list[str]) -> int:
         trainer.run()
         if os.environ.get("HYDRA_TEST_DUMP_PARAMS"):
             dump_full_params(trainer, Path(cfg.run.dir) / "final_params.safetensors")
+            dump_table_shapes(trainer, Path(cfg.run.dir) / "table_shapes.json")
     finally:
         shutdown(info)
     return 0
