@@ -28,6 +28,17 @@ def test_params_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "per rank (fsdp2 over dp_shard=8 x cp=1 = 8 shards): params+grads+AdamW 3.22 GB" in out
 
 
+def test_params_of_the_million_row_table_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(CONFIG_DIR / "hydra-1.6b-pkm1m.yaml")
+    assert main(["params", "--config", config]) == 0
+    out = capsys.readouterr().out
+    # 1024^2 rows x 2048 = 2.147B table parameters, 16 B each, split over the 8 FSDP ranks
+    assert "PKM value tables: 2.147B params, split by columns over 8 ranks" in out
+    assert "4.29 GB of params+grads+AdamW per rank (34.36 GB whole)" in out
+    assert main(["params", "--config", config, "parallel.pkm_shard=none"]) == 0
+    assert "in FSDP: each forward all-gathers all 8.59 GB (fp32)" in capsys.readouterr().out
+
+
 def test_train_runs_and_loss_goes_down(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     overrides = [
         "train.steps=30",

@@ -11,6 +11,7 @@ Resume within one layout is exact (bitwise).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,30 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+FSDP2 = ("parallel.backend=fsdp2",)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps on 2 FSDP2 ranks (the same global batch as ``single_process``)."""
+    run_dir = tmp_path_factory.mktemp("fsdp2")
+    run_training(run_dir, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=DUMP)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp2_stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run stopped after step 3 with a checkpoint; copy it before resuming."""
+    run_dir = tmp_path_factory.mktemp("fsdp2_stopped")
+    run_training(run_dir, *GLOBAL_BATCH_2, *FSDP2, nproc=2, stop_at=3)
+    return run_dir
+
+
+def _copy_of(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -74,8 +99,13 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
     ids=["fsdp2", "ddp", "zero3"],
 )
-def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backend: str) -> None:
-    run_training(tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP)
+def test_two_ranks_match_one_process(
+    tmp_path: Path, single_process: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    if "fsdp2" in backend:
+        tmp_path = request.getfixturevalue("fsdp2_two_ranks")
+    else:
+        run_training(tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP)
     _assert_same_training(single_process, tmp_path)
     # FSDP2 splits the PKM table's columns over its 2 ranks (parallel.pkm_shard=fsdp)
     assert table_shapes(tmp_path) == [[256, 32] if "fsdp2" in backend else [256, 64]]
@@ -84,41 +114,36 @@ def test_two_ranks_match_one_process(tmp_path: Path, single_process: Path, backe
     assert all(0 < r["pkm/L0/key_usage"] <= 1 for r in logged)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "parallel.backend=fsdp2",
-        "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero2.json",
-    ],
-    ids=["fsdp2", "zero2"],
-)
-def test_two_rank_resume_is_exact(tmp_path: Path, backend: str) -> None:
-    run_training(tmp_path / "full", *GLOBAL_BATCH_2, *backend.split(), nproc=2)
-    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *backend.split(), nproc=2, stop_at=3)
-    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *backend.split(), nproc=2)
+def test_two_rank_fsdp2_resume_is_exact(
+    tmp_path: Path, fsdp2_two_ranks: Path, fsdp2_stopped: Path
+) -> None:
+    split = _copy_of(fsdp2_stopped, tmp_path / "split")
+    run_training(split, *GLOBAL_BATCH_2, *FSDP2, nproc=2)
+    assert losses(split) == losses(fsdp2_two_ranks)
+
+
+def test_two_rank_zero2_resume_is_exact(tmp_path: Path) -> None:
+    zero2 = ("parallel.backend=deepspeed", "parallel.deepspeed_config=configs/deepspeed/zero2.json")
+    run_training(tmp_path / "full", *GLOBAL_BATCH_2, *zero2, nproc=2)
+    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *zero2, nproc=2, stop_at=3)
+    run_training(tmp_path / "split", *GLOBAL_BATCH_2, *zero2, nproc=2)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
-def test_checkpoint_moves_between_world_sizes(tmp_path: Path, single_process: Path) -> None:
+def test_checkpoint_moves_between_world_sizes(
+    tmp_path: Path, single_process: Path, fsdp2_stopped: Path
+) -> None:
     """FSDP2 with the PKM table split over 2, 1 or 4 ranks; every move resumes equal."""
     # 2 ranks -> 1 rank: model, optimizer and the data position carry over.
-    run_training(
-        tmp_path / "two_then_one", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3
-    )
-    run_training(tmp_path / "two_then_one", *GLOBAL_BATCH_1, env=DUMP)
-    _assert_same_training(single_process, tmp_path / "two_then_one")
+    two_then_one = _copy_of(fsdp2_stopped, tmp_path / "two_then_one")
+    run_training(two_then_one, *GLOBAL_BATCH_1, env=DUMP)
+    _assert_same_training(single_process, two_then_one)
     # 1 rank -> 2 ranks.
     run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_1, stop_at=3)
-    run_training(
-        tmp_path / "one_then_two", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, env=DUMP
-    )
+    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=DUMP)
     _assert_same_training(single_process, tmp_path / "one_then_two")
     # 2 ranks -> 4 ranks: each of the PKM table's 2 column shards is split in two.
-    run_training(
-        tmp_path / "two_then_four", *GLOBAL_BATCH_2, "parallel.backend=fsdp2", nproc=2, stop_at=3
-    )
-    run_training(
-        tmp_path / "two_then_four", *GLOBAL_BATCH_4, "parallel.backend=fsdp2", nproc=4, env=DUMP
-    )
-    _assert_same_training(single_process, tmp_path / "two_then_four")
-    assert table_shapes(tmp_path / "two_then_four") == [[256, 16]]
+    two_then_four = _copy_of(fsdp2_stopped, tmp_path / "two_then_four")
+    run_training(two_then_four, *GLOBAL_BATCH_4, *FSDP2, nproc=4, env=DUMP)
+    _assert_same_training(single_process, two_then_four)
+    assert table_shapes(two_then_four) == [[256, 16]]
