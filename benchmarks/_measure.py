@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def sync(device: torch.device | str) -> None:
@@ -94,3 +96,22 @@ def median_seconds(
             step()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class LargestTensor(TorchDispatchMode):
+    """While active: the most elements and the most bytes of any tensor an op returns (a
+    DTensor counts its local part), e.g. to show that no rank ever holds a whole table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                local = t.to_local() if isinstance(t, DTensor) else t
+                self.numel = max(self.numel, local.numel())
+                self.nbytes = max(self.nbytes, local.numel() * local.element_size())
+        return out

@@ -39,6 +39,11 @@ from parallel.expert import GroupReducer
 from parallel.mesh import ParallelMesh
 
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -46,7 +51,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, key: str):
     n = dist.get_world_size(group)
     out = t.new_empty((n * t.shape[0], *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    _all_gather(out, t.contiguous(), group=group)
     stats.add(key, (n - 1) * _nbytes(t), n - 1)
     return out
 
@@ -65,7 +70,7 @@ class _GatherReads(torch.autograd.Function):
         n = dist.get_world_size(ctx.group)
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // n, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        _reduce_scatter(out, grad, group=ctx.group)
         ctx.stats.add("pkm/reduce_scatter", (n - 1) * _nbytes(out), n - 1)
         return out, None, None
 
@@ -162,9 +167,9 @@ class ShardedBagLookup:
         """
         local = values.to_local() if isinstance(values, DTensor) else values
         local = _ShardGradient.apply(local, 1.0 / self.world_size, self.replicas, self.stats)
-        # rows travel as int32 (a table has fewer than 2**31 rows): 4 bytes a read, not 8
+        # rows travel and stay int32 (a table has fewer than 2**31 rows; both bags take int32):
+        # 4 bytes a read, not 8, on the wire and in the gathered [n N, H k]
         rows = _gather_rows(indices.to(torch.int32), self.group, self.stats, "pkm/all_gather")
-        rows = rows.to(indices.dtype)
         part = pkm_lookup(local, rows, _GatherReads.apply(weights, self.group, self.stats), backend)
         return _ExchangeColumns.apply(part, self.group, self.stats)
 

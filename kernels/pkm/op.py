@@ -18,7 +18,7 @@ def pkm_lookup(
 
     Args:
         values: [R, Dv] value table.
-        indices: [n, k] int64 rows in 0..R-1 (repeats allowed).
+        indices: [n, k] int64 (or int32) rows in 0..R-1 (repeats allowed).
         weights: [n, k] per-row weights.
         backend: ``torch`` (``F.embedding_bag``, the reference) | ``triton`` (its value gradient
             is the deterministic sorted reduction when ``torch.use_deterministic_algorithms`` is

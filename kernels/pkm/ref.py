@@ -97,7 +97,7 @@ def pkm_lookup_ref(
 
     Args:
         values: [R, Dv] value table.
-        indices: [n, k] int64 rows in 0..R-1 (repeats allowed).
+        indices: [n, k] int64 (or int32) rows in 0..R-1 (repeats allowed).
         weights: [n, k] per-row weights; cast to the table's dtype.
 
     Returns:

@@ -28,9 +28,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks._measure import LargestTensor
 from parallel.dims import PKM_SHARD_DIMS, ParallelDims
 from parallel.mesh import ParallelMesh
 from parallel.pkm import apply_pkm_parallel
@@ -57,22 +56,6 @@ def _batch(world: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x[:, T // 2 :] = x[:, : T // 2]  # every row reads its first half's rows again
     x[-1] = x[0]  # the last rank reads what the first one does
     return x, torch.randn(world * ROWS_PER_RANK, T, D, generator=gen)
-
-
-class _LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor an op returns while active (a DTensor's local part)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                local = t.to_local() if isinstance(t, DTensor) else t
-                self.largest = max(self.largest, local.numel())
-        return out
 
 
 def _replicated(module: ProductKeyMemory) -> dict[str, torch.Tensor]:
@@ -122,17 +105,17 @@ def check_layout(rank: int, world: int, dims: ParallelDims, over: str) -> None:
     check = _Failures()
     for step in range(3):
         x_all, g_all = _batch(world, step)
-        full = _LargestTensor()
+        full = LargestTensor()
         with full:
             y1 = single(x_all)
             (y1 * g_all).sum().backward()
         mesh.comm.reset()
-        part = _LargestTensor()
+        part = LargestTensor()
         with part:
             y = sharded(x_all[rows])
             (world * (y * g_all[rows]).sum()).backward()
-        check.true(full.largest >= R * sharded.d_value, "the control: one process has the table")
-        check.true(part.largest <= R * cols, f"a tensor of {part.largest} > one shard {R * cols}")
+        check.true(full.numel >= R * sharded.d_value, "the control: one process has the table")
+        check.true(part.numel <= R * cols, f"a tensor of {part.numel} > one shard {R * cols}")
         check.close(y, y1[rows], f"output, step {step}", rtol=1e-5, atol=1e-6)
         # after a step the parameters differ by rounding, which Adam magnifies a little
         grad_tol = {"rtol": 1e-4, "atol": 1e-6} if step == 0 else {"rtol": 1e-3, "atol": 1e-5}
