@@ -38,7 +38,6 @@ from parallel.comm import CommStats
 from parallel.expert import GroupReducer
 from parallel.mesh import ParallelMesh
 
-
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
