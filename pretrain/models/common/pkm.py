@@ -144,17 +144,25 @@ class ProductKeyMemory(nn.Module):
         """
         batch, seq_len, _ = x.shape
         indices, weights = self.select(x)
-        timer = self.lookup_timer if self.training else None
-        if timer is not None:
-            self._count_usage(indices)
-            start = timer.mark(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            read = self.lookup(self.values.weight, indices, weights, self.kernel_backend)  # [N, Dv]
-        if timer is not None:
-            timer.add(start, timer.mark(x.device))
-            timer.time_backward(read, weights)
+            if self.training:
+                self._count_usage(indices)
+                read = self._timed_lookup(indices, weights)  # [N, Dv]
+            else:
+                read = self.lookup(self.values.weight, indices, weights, self.kernel_backend)
         read = read.reshape(batch, seq_len, self.d_value).to(x.dtype)
         return self.out(read) if self.out is not None else read
+
+    # timers and hooks are host-side work: kept out of a compiled block's graph
+    @torch.compiler.disable
+    def _timed_lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The lookup, its forward and backward timed by ``lookup_timer``."""
+        timer, device = self.lookup_timer, indices.device
+        start = timer.mark(device)
+        read = self.lookup(self.values.weight, indices, weights, self.kernel_backend)
+        timer.add(start, timer.mark(device))
+        timer.time_backward(read, weights)
+        return read
 
     @torch.no_grad()
     def _count_usage(self, indices: torch.Tensor) -> None:
