@@ -21,9 +21,10 @@ from parallel.dist import DistInfo
 from parallel.engine import DDPEngine, FSDPEngine, TorchEngine
 from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelMesh
+from parallel.pkm import apply_pkm_parallel
 from pretrain.checkpoint import CheckpointManager, ModelOptimizerState
 from pretrain.config import RunConfig
-from pretrain.metrics import moe_layers
+from pretrain.metrics import moe_layers, pkm_layers
 from pretrain.models.lm import CausalLM
 from pretrain.models.parallelize import PARALLELIZE
 from pretrain.optim import build_optimizer
@@ -155,8 +156,10 @@ class DeepSpeedBackend:
         from parallel.deepspeed import build_deepspeed_engine
 
         tc, pc = cfg.train, cfg.parallel
-        # ep is 1 here (validated): this installs the MoE's global routing statistics only
+        # ep is 1 here (validated): this installs the MoE's global routing statistics only;
+        # likewise the PKM key usage over every rank (the tables stay whole under DeepSpeed)
         apply_expert_parallel(list(moe_layers(model).values()), mesh)
+        apply_pkm_parallel(pkm_layers(model), mesh, "none")
         model.activation_checkpointing = tc.activation_checkpointing
         return build_deepspeed_engine(
             model,

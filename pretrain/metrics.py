@@ -17,6 +17,11 @@ def moe_layers(model: nn.Module) -> dict[str, ChunkMoE]:
     return {name.split(".")[1]: m for name, m in model.named_modules() if isinstance(m, ChunkMoE)}
 
 
+def pkm_layers(model: nn.Module) -> list[ProductKeyMemory]:
+    """Every product-key memory of the model, in module order."""
+    return [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+
+
 def component_metrics(model: nn.Module) -> dict[str, float]:
     """Per-expert load (fraction of tokens, per MoE layer, over every routing rank), tokens per
     EP rank, PKM usage (over the logging window and every rank) and lookup time (forward and

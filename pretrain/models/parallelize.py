@@ -27,8 +27,8 @@ from parallel.dist import DistInfo
 from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelMesh
 from parallel.pkm import apply_pkm_parallel
+from pretrain.metrics import pkm_layers
 from pretrain.models.common.moe import ChunkMoE
-from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.lm import CausalLM
 from pretrain.train_config import ParallelConfig, TrainConfig
 
@@ -50,9 +50,8 @@ def parallelize_layered(
     """
     moe_layers = [m for m in model.modules() if isinstance(m, ChunkMoE)]
     apply_expert_parallel(moe_layers, mesh)
-    pkm_layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
     pkm_over = parallel.pkm_shard if parallel.backend == "fsdp2" else "none"
-    sharded_tables = apply_pkm_parallel(pkm_layers, mesh, pkm_over)
+    sharded_tables = apply_pkm_parallel(pkm_layers(model), mesh, pkm_over)
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train.compile:
