@@ -9,6 +9,7 @@ gradient-sync switch; ``parallel.deepspeed`` provides the DeepSpeed one. The loo
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from parallel.dist import DistInfo
 from parallel.grad_norm import clip_grad_norm
+from parallel.pkm import ShardedBagLookup, sharded_lookups
 
 
 class TorchEngine:
@@ -76,9 +78,16 @@ class DDPEngine(TorchEngine):
 
 
 class FSDPEngine(TorchEngine):
-    """FSDP2: reduce-scatter gradients only on the last micro-batch of a step."""
+    """FSDP2: reduce-scatter gradients only on the last micro-batch of a step (and sum the split
+    PKM tables' gradients over their replicas only then)."""
 
     @contextlib.contextmanager
     def accumulate(self, is_last: bool) -> Iterator[None]:
         self.model.set_requires_gradient_sync(is_last)
+        for lookup in self._pkm_lookups:
+            lookup.sync_replicas = is_last
         yield
+
+    @functools.cached_property
+    def _pkm_lookups(self) -> list[ShardedBagLookup]:
+        return sharded_lookups(self.model)

@@ -21,7 +21,9 @@ which a reduce-scatter sums and returns to the read's rank.
 Gradient scale: a rank's value gradient already sums the reads of the whole shard group, while
 the other parameters are averaged over every rank; so the shard's gradient is divided by the
 world size and summed over the ranks that hold the same shard (``replicas``: every mesh
-dimension the table is not sharded over), which leaves the same average over the world.
+dimension the table is not sharded over), which leaves the same average over the world. That
+sum runs once per step, on the gradient accumulated over the step's micro-batches (like FSDP2's
+reduce-scatter; ``FSDPEngine`` sets ``sync_replicas``).
 """
 
 from __future__ import annotations
@@ -102,23 +104,17 @@ class _ExchangeColumns(torch.autograd.Function):
         return _exchange(blocks, ctx.group, ctx.stats, "pkm/all_to_all_grad"), None, None
 
 
-class _ShardGradient(torch.autograd.Function):
-    """Identity forward; the backward scales the shard's gradient and sums it over the ranks
-    that hold the same shard (module docstring)."""
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward scales the shard's gradient (module docstring)."""
 
     @staticmethod
-    def forward(ctx, local, scale, replicas, stats):  # noqa: ANN001
-        ctx.scale, ctx.replicas, ctx.stats = scale, replicas, stats
+    def forward(ctx, local, scale):  # noqa: ANN001
+        ctx.scale = scale
         return local.view_as(local)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        grad = grad * ctx.scale
-        if ctx.replicas is not None:
-            dist.all_reduce(grad, group=ctx.replicas)
-            n = dist.get_world_size(ctx.replicas)
-            ctx.stats.add("pkm/replica_all_reduce", round(2 * (n - 1) / n * _nbytes(grad)), 1)
-        return grad, None, None, None
+        return grad * ctx.scale, None
 
 
 class ShardedBagLookup:
@@ -145,6 +141,24 @@ class ShardedBagLookup:
         self.replicas = replicas
         self.world_size = world_size
         self.stats = stats
+        # the engine clears it on micro-batches before the last one of a step (as FSDP2 skips
+        # its reduce-scatter there): the replicas then sum the accumulated gradient once
+        self.sync_replicas = True
+
+    def track(self, table: nn.Parameter) -> None:
+        """Sum ``table``'s accumulated gradient over the replicas after each backward that
+        syncs (a post-accumulate hook: the sum covers every micro-batch of the step)."""
+        if self.replicas is not None:
+            table.register_post_accumulate_grad_hook(self._sum_over_replicas)
+
+    @torch.no_grad()
+    def _sum_over_replicas(self, table: nn.Parameter) -> None:
+        if not self.sync_replicas:
+            return
+        grad = table.grad.to_local() if isinstance(table.grad, DTensor) else table.grad
+        dist.all_reduce(grad, group=self.replicas)
+        n = dist.get_world_size(self.replicas)
+        self.stats.add("pkm/replica_all_reduce", round(2 * (n - 1) / n * _nbytes(grad)), 1)
 
     @torch.compiler.disable  # collectives inside autograd functions: left out of the graph
     def __call__(
@@ -165,7 +179,7 @@ class ShardedBagLookup:
             [N, Dv] in the table's dtype.
         """
         local = values.to_local() if isinstance(values, DTensor) else values
-        local = _ShardGradient.apply(local, 1.0 / self.world_size, self.replicas, self.stats)
+        local = _ScaleGradient.apply(local, 1.0 / self.world_size)
         # rows travel and stay int32 (a table has fewer than 2**31 rows; both bags take int32):
         # 4 bytes a read, not 8, on the wire and in the gathered [n N, H k]
         rows = _gather_rows(indices.to(torch.int32), self.group, self.stats, "pkm/all_gather")
@@ -224,5 +238,16 @@ def apply_pkm_parallel(
         )
         module.values.weight = table
         module.lookup = lookup
+        lookup.track(table)
         sharded.add(table)
     return sharded
+
+
+def sharded_lookups(model: nn.Module) -> list[ShardedBagLookup]:
+    """The distinct sharded lookups installed on ``model``'s PKM layers."""
+    found = {
+        id(m.lookup): m.lookup
+        for m in model.modules()
+        if isinstance(m.__dict__.get("lookup"), ShardedBagLookup)
+    }
+    return list(found.values())

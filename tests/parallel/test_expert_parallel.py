@@ -110,6 +110,9 @@ def test_four_ranks_match_one_process(
     _assert_same_training(single_token_routing, tmp_path)
     _assert_same_gradients(single_token_routing, tmp_path)
     assert table_shapes(tmp_path) == [[256, 32]]
+    # the replicas sum the table's gradient once per step, not once per micro-batch (2 here)
+    rows = [r for r in logged_rows(tmp_path) if "loss" in r]
+    assert [r.get("comm/pkm/replica_all_reduce/messages") for r in rows] == [1.0] * 6
 
 
 def test_checkpoint_moves_between_ep_layouts(tmp_path: Path, single_chunk_routing: Path) -> None:
