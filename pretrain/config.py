@@ -249,12 +249,15 @@ def parallel_layout_problems(
     pc = cfg.parallel
     sizes = {k: getattr(pc, k) for k in DIM_KEYS}
     problems, sizes = layout_problems(sizes, world_size, pc.backend, moe_experts_per_layer(cfg))
+    # the PKM split's size is only known for a possible layout
+    known = sizes if not problems and world_size is not None else None
     problems += context_parallel_problems(cfg, sizes["cp"])
-    return problems + pkm_shard_problems(cfg, sizes, world_size), sizes
+    return problems + pkm_shard_problems(cfg, known), sizes
 
 
-def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int], world_size: int | None) -> list[str]:
-    """A PKM split the backend cannot run, or value columns that do not split evenly."""
+def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int] | None) -> list[str]:
+    """A PKM split the backend cannot run, or (given the layout's ``sizes``) value columns that
+    do not split evenly over the ranks it names."""
     over = cfg.parallel.pkm_shard
     model = cfg.model
     has_pkm = model.family == "hydra" and model.pkm.enabled and bool(model.pkm.after_blocks)
@@ -267,7 +270,7 @@ def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int], world_size: int | 
             f"parallel.pkm_shard={over} needs parallel.backend=fsdp2 (got"
             f" {cfg.parallel.backend}); set parallel.pkm_shard=none or fsdp"
         ]
-    if world_size is None or min(sizes.values()) < 1:
+    if sizes is None:
         return []
     dims = ParallelDims(**sizes)
     n = dims.size_of(PKM_SHARD_DIMS[over])

@@ -81,9 +81,16 @@ def dump_table_shapes(trainer, path: Path) -> None:  # noqa: ANN001
     """The shape of the part of each PKM value table that rank 0 holds (a shard when split)."""
     from torch.distributed.tensor import DTensor
 
+    def held(p):  # noqa: ANN001, ANN202 - ZeRO-3 keeps a flat partition; ds_shape is the whole
+        return (
+            p.ds_shape
+            if hasattr(p, "ds_shape")
+            else (p.to_local() if isinstance(p, DTensor) else p).shape
+        )
+
     if trainer.info.is_main:
         shapes = {
-            name: list((p.to_local() if isinstance(p, DTensor) else p).shape)
+            name: list(held(p))
             for name, p in trainer.model.named_parameters()
             if name.endswith("values.weight")
         }
