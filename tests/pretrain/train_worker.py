@@ -97,9 +97,21 @@ def dump_table_shapes(trainer, path: Path) -> None:  # noqa: ANN001
         path.write_text(json.dumps(shapes))
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed JIT-compiles a C++ shared-memory all-reduce for CPU ranks the first time a
+    machine (or a new venv) starts it: about a minute on 2 cores, in every fresh CI run. These
+    tests check our engine over gloo, so DeepSpeed is told the op is not available (it then
+    all-reduces through torch.distributed, as on any machine without a compiler)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def main(argv: list[str]) -> int:
     config, stop_at, *overrides = argv
     cfg = load_config(config, overrides)
+    if cfg.parallel.backend == "deepspeed":
+        skip_deepspeed_shm_build()
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
         trainer = build_trainer(cfg, info, tracker_factory=make_tracker)
