@@ -189,7 +189,7 @@ class GroupReducer:
         return out
 
 
-class _ScaleGrad(torch.autograd.Function):
+class ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``scale`` in backward."""
 
     @staticmethod
@@ -205,7 +205,7 @@ class _ScaleGrad(torch.autograd.Function):
 def _local_experts(t: torch.Tensor, ep: int) -> torch.Tensor:
     """This EP rank's experts of a weight, its gradient divided by ``ep`` (module docstring)."""
     local = t.to_local() if isinstance(t, DTensor) else t
-    return _ScaleGrad.apply(local, 1.0 / ep)
+    return ScaleGrad.apply(local, 1.0 / ep)
 
 
 def apply_expert_parallel(moe_layers: Sequence[nn.Module], mesh: ParallelMesh) -> None:

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from kernels.pkm.op import pkm_lookup
 from parallel.comm import CommStats
-from parallel.expert import GroupReducer
+from parallel.expert import GroupReducer, ScaleGrad
 from parallel.mesh import ParallelMesh
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those
@@ -104,19 +104,6 @@ class _ExchangeColumns(torch.autograd.Function):
         return _exchange(blocks, ctx.group, ctx.stats, "pkm/all_to_all_grad"), None, None
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; the backward scales the shard's gradient (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, local, scale):  # noqa: ANN001
-        ctx.scale = scale
-        return local.view_as(local)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        return grad * ctx.scale, None
-
-
 class ShardedBagLookup:
     """The PKM ``ValueLookup`` over a column-sharded table (module docstring).
 
@@ -179,7 +166,7 @@ class ShardedBagLookup:
             [N, Dv] in the table's dtype.
         """
         local = values.to_local() if isinstance(values, DTensor) else values
-        local = _ScaleGradient.apply(local, 1.0 / self.world_size)
+        local = ScaleGrad.apply(local, 1.0 / self.world_size)  # module docstring
         # rows travel and stay int32 (a table has fewer than 2**31 rows; both bags take int32):
         # 4 bytes a read, not 8, on the wire and in the gathered [n N, H k]
         rows = _gather_rows(indices.to(torch.int32), self.group, self.stats, "pkm/all_gather")
