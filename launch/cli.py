@@ -33,6 +33,7 @@ def run_params(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.models import build_model
     from pretrain.models.params import count_parameters
+    from pretrain.optim import param_group_name
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model, device="meta")  # no memory: the 1.6B config is fine anywhere
@@ -50,7 +51,9 @@ def run_params(args: argparse.Namespace) -> int:
         f"{'TOTAL':<18}{total:>16,}{active:>16,}   ({_format_count(total)} total, "
         f"{_format_count(active)} active)"
     )
-    tables = sum(p.numel() for n, p in model.named_parameters() if n.endswith("values.weight"))
+    tables = sum(
+        p.numel() for n, p in model.named_parameters() if param_group_name(n, p) == "pkm_values"
+    )
     print(_per_rank_line(cfg, total, tables))
     return 0
 
@@ -73,9 +76,9 @@ def _per_rank_line(cfg, total: int, tables: int) -> str:  # noqa: ANN001 - a Run
     # HSDP replicas do not change what one rank holds: count one
     dims = ParallelDims(1, pc.dp_shard, pc.cp, pc.ep)
     shards = pc.dp_shard * pc.cp  # dense over dp_shard x cp; experts over ep x efsdp x cp
-    table_shards = dims.size_of(PKM_SHARD_DIMS[pc.pkm_shard]) if pc.pkm_shard != "none" else 0
-    if table_shards == 0:  # left to FSDP: sharded like the rest, all-gathered in each forward
-        table_shards = shards
+    # pkm_shard=none leaves the table to FSDP: sharded like the rest, all-gathered in each forward
+    split = pc.pkm_shard != "none"
+    table_shards = dims.size_of(PKM_SHARD_DIMS[pc.pkm_shard]) if split else shards
     state_gb = STATE_BYTES_PER_PARAM * ((total - tables) / shards + tables / table_shards) / 1e9
     tokens = cfg.train.seq_len // pc.cp
     line = (
@@ -87,7 +90,7 @@ def _per_rank_line(cfg, total: int, tables: int) -> str:  # noqa: ANN001 - a Run
         table_gb = STATE_BYTES_PER_PARAM * tables / table_shards / 1e9
         how = (
             f"split by columns over {table_shards} ranks (parallel.pkm_shard={pc.pkm_shard})"
-            if pc.pkm_shard != "none"
+            if split
             else f"in FSDP: each forward all-gathers all {tables * 4 / 1e9:.2f} GB (fp32)"
         )
         line += (
