@@ -706,31 +706,20 @@ def plot(rows: list[dict], counted: list[dict], cp: int, path: Path) -> None:
 
     lengths = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.loglog(
-        lengths,
-        [r["state_passing_bytes"] for r in rows],
-        "o-",
-        label=f"ours: SSM state passing (cp={cp}, formula)",
+    series = (  # (row key, line style, colour or None for the next one, label)
+        ("state_passing_bytes", "o-", None, f"ours: SSM state passing (cp={cp}, formula)"),
+        (
+            "state_passing_reduce_scatter_bwd_bytes",
+            ":",
+            "C0",
+            "ours with a reduce-scatter backward (formula)",
+        ),
+        ("megatron_all_to_all_bytes", "s-", None, f"Megatron head all-to-all (cp={cp}, formula)"),
+        ("input_all_gather_bytes", "^-", None, f"all-gather of the layer input (cp={cp}, formula)"),
     )
-    ax.loglog(
-        lengths,
-        [r["state_passing_reduce_scatter_bwd_bytes"] for r in rows],
-        ":",
-        color="C0",
-        label="ours with a reduce-scatter backward (formula)",
-    )
-    ax.loglog(
-        lengths,
-        [r["megatron_all_to_all_bytes"] for r in rows],
-        "s-",
-        label=f"Megatron head all-to-all (cp={cp}, formula)",
-    )
-    ax.loglog(
-        lengths,
-        [r["input_all_gather_bytes"] for r in rows],
-        "^-",
-        label=f"all-gather of the layer input (cp={cp}, formula)",
-    )
+    for key, style, color, label in series:
+        extra = {"color": color} if color else {}
+        ax.loglog(lengths, [r[key] for r in rows], style, label=label, **extra)
     for world, marker in ((2, "x"), (4, "+")):
         pts = [r for r in counted if r["cp"] == world]
         if pts:
