@@ -1,6 +1,6 @@
 """Kernel backend selection: which implementation runs each op, chosen once at start-up.
 
-Four ops, each with a pure-PyTorch ``torch`` backend that runs anywhere and defines the op:
+Five ops, each with a pure-PyTorch ``torch`` backend that runs anywhere and defines the op:
 
 =========  ================================================================================
 op         backends (``auto`` on CUDA tries them left to right; on CPU it is always ``torch``)
@@ -9,6 +9,8 @@ ssd        mamba_ssm > triton > torch
 pkm        triton > torch
 moe        megablocks > grouped_mm > torch
 attention  flex > flash_attn > torch
+boundary_  flex > torch  (``boundary_attention``: Attamba's chunk-boundary attention)
+attention
 =========  ================================================================================
 
 ``backend_problem(op, backend, device)`` says why a backend cannot run (an import fails, the device
@@ -52,6 +54,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "pkm": ("torch", "triton"),
     "moe": ("torch", "grouped_mm", "megablocks"),
     "attention": ("torch", "flex", "flash_attn"),
+    "boundary_attention": ("torch", "flex"),
 }
 
 # Preference of ``auto`` on CUDA, best first (see the module docstring for attention's order).
@@ -60,6 +63,7 @@ AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {
     "pkm": ("triton", "torch"),
     "moe": ("megablocks", "grouped_mm", "torch"),
     "attention": ("flex", "flash_attn", "torch"),
+    "boundary_attention": ("flex", "torch"),
 }
 
 # Backends whose kernels pick their launch configs by timing (and so are not reproducible).

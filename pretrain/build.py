@@ -24,7 +24,7 @@ from pretrain.backend import (
     StepEngine,
     resolve_backend,
 )
-from pretrain.config import RunConfig, config_to_dict, resolve_parallel_dims
+from pretrain.config import KERNEL_BACKENDS, RunConfig, config_to_dict, resolve_parallel_dims
 from pretrain.context_split import ContextSplit
 from pretrain.curriculum import Stage, resolve_stages
 from pretrain.models import build_model
@@ -44,7 +44,7 @@ def build_training_model(cfg: RunConfig, info: DistInfo) -> CausalLM:
     """The model on its device, seeded identically on every rank, with its kernel backends."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device=info.device)
-    requested = {op: getattr(cfg.kernels, op) for op in ("ssd", "pkm", "moe", "attention")}
+    requested = {op: getattr(cfg.kernels, op) for op in KERNEL_BACKENDS}
     backends = select_backends(requested, info.device, deterministic=cfg.kernels.deterministic)
     apply_kernel_backends(model, backends)
     return model

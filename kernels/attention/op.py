@@ -65,3 +65,35 @@ def sparse_global_attention(
 
         return sparse_global_attention_flash(q, k, v, summaries, **kwargs)
     raise ValueError(f"unknown attention backend '{backend}'; known: torch, flex, flash_attn")
+
+
+def chunk_boundary_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_pos: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+    *,
+    chunk: int,
+    offset: int = 0,
+    leading: int,
+    scale: float | None = None,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Attamba's chunk-boundary attention (``kernels/attention/boundary.py``) on a backend:
+    ``torch`` (blocked, CPU and GPU, the reference) or ``flex`` (FlexAttention, compiled on
+    CUDA; eager forward only on CPU). Arguments as in ``boundary_attention``.
+
+    Raises:
+        ValueError: unknown backend.
+    """
+    kwargs = {"chunk": chunk, "offset": offset, "leading": leading, "scale": scale}
+    if backend == "torch":
+        from kernels.attention.boundary import boundary_attention
+
+        return boundary_attention(q, k, v, doc_pos, seq_idx, **kwargs)
+    if backend == "flex":
+        from kernels.attention.boundary_flex import boundary_attention_flex
+
+        return boundary_attention_flex(q, k, v, doc_pos, seq_idx, **kwargs)
+    raise ValueError(f"unknown boundary_attention backend '{backend}'; known: torch, flex")

@@ -105,6 +105,7 @@ def test_auto_on_cuda_picks_the_best_available(monkeypatch) -> None:
     )
     pretend_importable(monkeypatch, *everything)
     best = {"ssd": "mamba_ssm", "pkm": "triton", "moe": "megablocks", "attention": "flex"}
+    best["boundary_attention"] = "flex"
     assert select_backends(ALL_AUTO, "cuda") == best
 
     # remove the best one of each op in turn: the next one in the order is picked
@@ -114,10 +115,17 @@ def test_auto_on_cuda_picks_the_best_available(monkeypatch) -> None:
         "pkm": "torch",  # kernels.pkm.triton does not import
         "moe": "grouped_mm",  # megablocks does not import; this torch has grouped_mm
         "attention": "flash_attn",
+        "boundary_attention": "torch",  # FlexAttention does not import
     }
     pretend_importable(monkeypatch)  # nothing optional imports
     chosen = select_backends(ALL_AUTO, "cuda")
-    assert chosen == {"ssd": "torch", "pkm": "torch", "moe": "grouped_mm", "attention": "torch"}
+    assert chosen == {
+        "ssd": "torch",
+        "pkm": "torch",
+        "moe": "grouped_mm",
+        "attention": "torch",
+        "boundary_attention": "torch",
+    }
 
 
 def test_deterministic_mode_skips_autotuning_backends(monkeypatch) -> None:
