@@ -29,9 +29,14 @@ def _format_count(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+# context lengths of the inference-cache account, besides the config's own train.seq_len
+CACHE_CONTEXTS = (8192, 65536)
+
+
 def run_params(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.models import build_model
+    from pretrain.models.cache import inference_cache_bytes
     from pretrain.models.params import count_parameters
     from pretrain.optim import param_group_name
 
@@ -39,6 +44,9 @@ def run_params(args: argparse.Namespace) -> int:
     model = build_model(cfg.model, device="meta")  # no memory: the 1.6B config is fine anywhere
     account = count_parameters(model).as_dict()
     account["family"] = cfg.model.family
+    contexts = sorted({cfg.train.seq_len, *CACHE_CONTEXTS})
+    caches = {length: inference_cache_bytes(model, length) for length in contexts}
+    account["inference_cache"] = {str(length): cache for length, cache in caches.items()}
     if args.json:
         print(json.dumps(account))
         return 0
@@ -55,7 +63,17 @@ def run_params(args: argparse.Namespace) -> int:
         p.numel() for n, p in model.named_parameters() if param_group_name(n, p) == "pkm_values"
     )
     print(_per_rank_line(cfg, total, tables))
+    for length, cache in caches.items():
+        print(_cache_line(length, cache["total"]))
     return 0
+
+
+def _cache_line(context_len: int, total_bytes: int) -> str:
+    """One sequence's decode cache (bf16 activations, fp32 recurrent states) at a context."""
+    return (
+        f"inference cache at {context_len} tokens: {total_bytes / 2**20:,.2f} MiB per sequence,"
+        f" {total_bytes / context_len:,.1f} bytes/token"
+    )
 
 
 # fp32 parameter + fp32 gradient + two fp32 AdamW moments (FSDP2 shards all four)

@@ -25,8 +25,9 @@ from parallel.pkm import apply_pkm_parallel
 from pretrain.checkpoint import CheckpointManager, ModelOptimizerState
 from pretrain.config import RunConfig
 from pretrain.metrics import moe_layers, pkm_layers
+from pretrain.models.family import resolve_parallelize
 from pretrain.models.lm import CausalLM
-from pretrain.models.parallelize import PARALLELIZE
+from pretrain.models.registry import get_family
 from pretrain.optim import build_optimizer
 
 
@@ -127,7 +128,7 @@ class TorchBackend:
     def build_engine(
         self, model: CausalLM, cfg: RunConfig, mesh: ParallelMesh, info: DistInfo
     ) -> StepEngine:
-        parallelize = PARALLELIZE[cfg.model.family]
+        parallelize = resolve_parallelize(get_family(cfg.model.family))
         module = parallelize(model, mesh, info, cfg.parallel, cfg.train)
         engine = self.ENGINES[self.name] if info.distributed else TorchEngine
         return engine(model, module, _optimizer(model, cfg), info)

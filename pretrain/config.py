@@ -23,6 +23,7 @@ from pretrain.config_errors import ConfigError
 from pretrain.curriculum import CurriculumConfig, StageConfig
 from pretrain.data_config import DataConfig
 from pretrain.models.config import ModelConfig, model_config_problems, uses_ssm
+from pretrain.models.registry import get_family, uses_component
 from pretrain.train_config import (
     CheckpointConfig,
     ParallelConfig,
@@ -57,6 +58,7 @@ KERNEL_BACKENDS = {
     "pkm": ("auto", "torch", "triton"),
     "moe": ("auto", "torch", "grouped_mm", "megablocks"),
     "attention": ("auto", "torch", "flex", "flash_attn"),
+    "boundary_attention": ("auto", "torch", "flex"),
 }
 
 
@@ -68,6 +70,7 @@ class KernelsConfig:
     pkm: str = "auto"  # torch | triton | auto
     moe: str = "auto"  # torch | grouped_mm | megablocks | auto
     attention: str = "auto"  # torch | flex | flash_attn | auto
+    boundary_attention: str = "auto"  # Attamba's attention: torch | flex | auto
     deterministic: bool = False  # fixed kernel configs, no autotuning
 
     def __post_init__(self) -> None:
@@ -238,7 +241,8 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
 def moe_experts_per_layer(cfg: RunConfig) -> int | None:
     """Experts per MoE layer, or None when the model has no MoE layer."""
     model = cfg.model
-    return model.moe.n_experts if model.family == "hydra" and model.moe.enabled else None
+    has_moe = model.moe.enabled and uses_component(model, "moe")
+    return model.moe.n_experts if has_moe else None
 
 
 def parallel_layout_problems(
@@ -260,7 +264,7 @@ def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int] | None) -> list[str
     do not split evenly over the ranks it names."""
     over = cfg.parallel.pkm_shard
     model = cfg.model
-    has_pkm = model.family == "hydra" and model.pkm.enabled and bool(model.pkm.after_blocks)
+    has_pkm = model.pkm.enabled and uses_component(model, "pkm")
     if over == "none" or not has_pkm:
         return []
     if cfg.parallel.backend != "fsdp2":
@@ -286,10 +290,15 @@ def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int] | None) -> list[str
 def context_parallel_problems(cfg: RunConfig, cp: int) -> list[str]:
     """Sequence lengths that ``cp`` ranks cannot split: each must be a multiple of ``cp``, and
     a slice must hold the SSM conv's halo (``d_conv - 1`` tokens). Chunk sizes need not divide
-    the slice."""
+    the slice. A family must support context parallelism at all."""
     if cp <= 1:
         return []
     problems = []
+    if not get_family(cfg.model.family).supports_context_parallel:
+        problems.append(
+            f"parallel.cp={cp}: model.family={cfg.model.family} does not support context"
+            " parallelism; set parallel.cp=1"
+        )
     if cfg.train.compile:
         problems.append(
             f"train.compile=true with parallel.cp={cp}: compiling blocks that exchange states"

@@ -2,7 +2,8 @@
 
 Each component receives only its own section (``SSMConfig`` for the SSM, ...). Single-field
 checks live in ``__post_init__``; checks that need several sections (heads dividing d_model,
-block indices in range) live in ``validate_model_config``, which collects every problem and
+block indices in range) belong to the model family (``ModelFamily.config_problems``, built from
+the shared checks here) and run in ``validate_model_config``, which collects every problem and
 raises once, before anything is allocated.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pretrain.config_errors import ConfigError
+from pretrain.models.registry import FAMILY_NAMES, get_family, uses_component
 
-MODEL_FAMILIES = ("hydra", "transformer", "mamba2")
+MODEL_FAMILIES = FAMILY_NAMES  # the registry's names (kept for importers of the old list)
 MOE_ROUTING = ("chunk", "token")
 MOE_SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -170,68 +172,67 @@ class ModelConfig:
     pkm: PKMConfig = field(default_factory=PKMConfig)
 
     def __post_init__(self) -> None:
-        _check(
-            self.family in MODEL_FAMILIES, "model.family", f"must be one of {list(MODEL_FAMILIES)}"
-        )
+        _check(self.family in FAMILY_NAMES, "model.family", f"must be one of {list(FAMILY_NAMES)}")
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             _check(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         _check(self.d_ff >= 0, "model.d_ff", "must be >= 0")
         _check(self.norm_eps > 0, "model.norm_eps", "must be > 0")
 
 
+def attention_problems(cfg: ModelConfig) -> list[str]:
+    """Attention heads must divide ``d_model`` into even head dims (RoPE rotates pairs).
+
+    Shared by every family whose components include "attention".
+    """
+    att = cfg.attention
+    if cfg.d_model % att.n_heads:
+        return [
+            f"model.attention.n_heads: {att.n_heads} does not divide model.d_model={cfg.d_model}"
+        ]
+    if (cfg.d_model // att.n_heads) % 2:
+        return [
+            f"model.attention.n_heads: head dim {cfg.d_model // att.n_heads} must be even for RoPE"
+        ]
+    return []
+
+
+def ssm_problems(cfg: ModelConfig) -> list[str]:
+    """SSM heads must split ``d_inner`` evenly and into whole B/C groups.
+
+    Shared by every family whose components include "ssm".
+    """
+    ssm = cfg.ssm
+    d_inner = ssm.expand * cfg.d_model
+    if d_inner % ssm.head_dim:
+        return [
+            f"model.ssm.head_dim: {ssm.head_dim} does not divide d_inner = ssm.expand * model.d_model"
+            f" = {d_inner}"
+        ]
+    if (d_inner // ssm.head_dim) % ssm.n_groups:
+        return [
+            f"model.ssm.n_groups: {ssm.n_groups} does not divide the number of SSM heads"
+            f" {d_inner // ssm.head_dim}"
+        ]
+    return []
+
+
+def component_problems(cfg: ModelConfig, components: frozenset[str]) -> list[str]:
+    """The shared checks of the components a family builds (attention first, then SSM)."""
+    problems = attention_problems(cfg) if "attention" in components else []
+    return problems + (ssm_problems(cfg) if "ssm" in components else [])
+
+
 def model_config_problems(cfg: ModelConfig) -> list[str]:
-    """Cross-field checks of a model config; every problem found, each naming its key."""
-    problems: list[str] = []
-    att, ssm = cfg.attention, cfg.ssm
-    uses_attention = cfg.family == "transformer" or (cfg.family == "hydra" and att.enabled)
-    if uses_attention:
-        if cfg.d_model % att.n_heads:
-            problems.append(
-                f"model.attention.n_heads: {att.n_heads} does not divide model.d_model={cfg.d_model}"
-            )
-        elif (cfg.d_model // att.n_heads) % 2:
-            problems.append(
-                f"model.attention.n_heads: head dim {cfg.d_model // att.n_heads} must be even for RoPE"
-            )
-    if uses_ssm(cfg):
-        d_inner = ssm.expand * cfg.d_model
-        if d_inner % ssm.head_dim:
-            problems.append(
-                f"model.ssm.head_dim: {ssm.head_dim} does not divide d_inner = ssm.expand * model.d_model"
-                f" = {d_inner}"
-            )
-        elif (d_inner // ssm.head_dim) % ssm.n_groups:
-            problems.append(
-                f"model.ssm.n_groups: {ssm.n_groups} does not divide the number of SSM heads"
-                f" {d_inner // ssm.head_dim}"
-            )
-    if cfg.family == "hydra":
-        for section in ("workspace", "pkm"):
-            sub = getattr(cfg, section)
-            for idx in sub.after_blocks:
-                if not 0 <= idx < cfg.n_layers:
-                    problems.append(
-                        f"model.{section}.after_blocks: block {idx} out of range 0..{cfg.n_layers - 1}"
-                    )
-        if cfg.workspace.enabled and cfg.d_model % cfg.workspace.n_heads:
-            problems.append(
-                f"model.workspace.n_heads: {cfg.workspace.n_heads} does not divide"
-                f" model.d_model={cfg.d_model}"
-            )
-        if cfg.moe.enabled and cfg.moe.routing == "chunk" and cfg.moe.chunk_size > cfg.max_seq_len:
-            problems.append("model.moe.chunk_size: larger than model.max_seq_len")
-        if not (cfg.moe.enabled or cfg.d_ff > 0 or ssm.enabled or att.enabled):
-            problems.append(
-                "model: a Hydra block needs at least one path (ssm, attention, moe or d_ff)"
-            )
-    if cfg.family == "transformer" and cfg.d_ff == 0 and not cfg.moe.enabled:
-        problems.append("model.d_ff: a Transformer needs d_ff > 0")
-    return problems
+    """Cross-field checks of a model config; every problem found, each naming its key.
+
+    The family owns them (``ModelFamily.config_problems``), calling the shared ones above.
+    """
+    return get_family(cfg.family).config_problems(cfg)
 
 
 def uses_ssm(cfg: ModelConfig) -> bool:
     """Whether the model has SSM mixers (Mamba-2 always, Hydra unless ``ssm.enabled`` is off)."""
-    return cfg.family == "mamba2" or (cfg.family == "hydra" and cfg.ssm.enabled)
+    return uses_component(cfg, "ssm")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:

@@ -1,6 +1,7 @@
 """The causal language model shared by every family: embedding -> blocks -> norm -> head.
 
-Families differ only in the block they build (``BLOCK_BUILDERS``). Blocks sit in an
+Families differ only in the block they build (their ``ModelFamily.build_block``, found through
+``pretrain.models.registry``). Blocks sit in an
 ``nn.ModuleDict`` keyed by index so that parameter names stay stable for sharded checkpoints.
 
 Shape legend: B batch, T time, D d_model, V vocab.
@@ -9,7 +10,7 @@ Shape legend: B batch, T time, D d_model, V vocab.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -18,17 +19,9 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import ModelConfig, validate_model_config
-from pretrain.models.hydra.block import GatedPathBlock, build_hydra_block
-from pretrain.models.mamba2.block import build_mamba2_block
 from pretrain.models.output import ModelOutput
 from pretrain.models.paths import PATH_NAMES
-from pretrain.models.transformer.block import build_transformer_block
-
-BLOCK_BUILDERS: dict[str, Callable[[ModelConfig, int], GatedPathBlock]] = {
-    "hydra": build_hydra_block,
-    "transformer": build_transformer_block,
-    "mamba2": build_mamba2_block,
-}
+from pretrain.models.registry import get_family
 
 
 class CausalLM(nn.Module):
@@ -38,7 +31,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        build_block = BLOCK_BUILDERS[cfg.family]
+        build_block = get_family(cfg.family).build_block
         self.blocks = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = (

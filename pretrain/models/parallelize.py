@@ -12,7 +12,8 @@ Order (each step sees the result of the previous one):
    root, on the FSDP mesh, leaving the split PKM tables out; or DDP around the model.
 
 Hydra, the Transformer and Mamba-2 share one layered stack (embedding -> blocks -> head), so they
-share ``parallelize_layered``; a family with another stack registers its own.
+share ``parallelize_layered``; a family with another stack names its own in its ``ModelFamily``
+(``parallelize="module:function"``, resolved by ``pretrain.models.family.resolve_parallelize``).
 """
 
 from __future__ import annotations
@@ -80,8 +81,3 @@ def parallelize_layered(
 
 Parallelize = Callable[[CausalLM, ParallelMesh, DistInfo, ParallelConfig, TrainConfig], nn.Module]
 parallelize_hydra: Parallelize = parallelize_layered
-PARALLELIZE: dict[str, Parallelize] = {
-    "hydra": parallelize_hydra,
-    "transformer": parallelize_layered,
-    "mamba2": parallelize_layered,
-}

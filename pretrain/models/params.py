@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from pretrain.models.common.moe import ChunkMoE
-from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.lm import CausalLM
 
 
@@ -53,17 +51,11 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _moe_active(moe: ChunkMoE) -> int:
-    expert_params = sum(
-        p.numel() for name, p in moe.named_parameters() if not name.startswith("router")
-    )
-    return _numel(moe) - expert_params + expert_params * moe.cfg.top_k // moe.cfg.n_experts
-
-
-def _pkm_active(pkm: ProductKeyMemory) -> int:
-    rows, d_value = pkm.values.weight.shape
-    rows_read = min(rows, pkm.n_heads * pkm.top_k)
-    return _numel(pkm) - rows * d_value + rows_read * d_value
+def _active(module: nn.Module, total: int) -> int:
+    """Active-per-token parameters of a path: its own ``active_params()`` where it touches fewer
+    than all of them (MoE, PKM), else every one."""
+    own = getattr(module, "active_params", None)
+    return own() if own is not None else total
 
 
 def count_parameters(model: CausalLM) -> ParamAccount:
@@ -74,12 +66,7 @@ def count_parameters(model: CausalLM) -> ParamAccount:
     for block in model.blocks.values():
         for name, module in block.paths.items():
             total = _numel(module)
-            if isinstance(module, ChunkMoE):
-                account.add("moe", total, _moe_active(module))
-            elif isinstance(module, ProductKeyMemory):
-                account.add("pkm", total, _pkm_active(module))
-            else:
-                account.add(name, total, total)
+            account.add(name, total, _active(module, total))
         norms_and_gates = _numel(block.norms) + sum(p.numel() for p in block.gates.values())
         account.add("norms_gates", norms_and_gates, norms_and_gates)
     final = _numel(model.norm) + (_numel(model.output) if model.output is not None else 0)

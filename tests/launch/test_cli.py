@@ -20,6 +20,25 @@ def test_params_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert sum(c["total"] for c in account["components"].values()) == account["total_params"]
 
 
+def test_params_json_has_the_inference_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", "--config", TINY, "--json", "train.seq_len=128"]) == 0
+    caches = json.loads(capsys.readouterr().out)["inference_cache"]
+    assert set(caches) == {"128", "8192", "65536"}
+    for cache in caches.values():
+        assert cache["total"] == sum(v for k, v in cache.items() if k != "total") > 0
+        assert cache["moe"] == cache["pkm"] == 0  # per-token maps keep no decode state
+
+
+def test_params_table_prints_the_inference_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", "--config", str(CONFIG_DIR / "transformer-29m.yaml")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("inference cache")]
+    assert [ln.split(" tokens")[0] for ln in lines] == [
+        f"inference cache at {n}" for n in (1024, 8192, 65536)
+    ]
+    # full attention: the same bytes per token at every context
+    assert len({ln.split(", ")[1] for ln in lines}) == 1
+
+
 def test_params_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["params", "--config", str(CONFIG_DIR / "hydra-1.6b.yaml")]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.loss import lm_loss
-from pretrain.models.hydra.block import GatedPathBlock
+from pretrain.models.common.block import GatedPathBlock
 from tests.pretrain.model_helpers import CPU_CONFIGS, build_from_config, random_tokens
 
 # The 29M configs are exercised at a short length to keep the suite fast on 2 cores; the chunk

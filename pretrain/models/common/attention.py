@@ -65,6 +65,15 @@ class _AttentionBase(nn.Module):
         """q [B, T, H, K], k/v [B, T, Hkv, K] -> [B, T, H, K]."""
         raise NotImplementedError
 
+    def _flops_per_token(self, visible: float) -> float:
+        """Projections (two FLOPs per weight) plus q.k and p.v over ``visible`` keys per query."""
+        proj = 2 * sum(p.numel() for p in self.parameters())
+        return proj + 2 * 2 * self.n_heads * self.head_dim * visible
+
+    def _kv_bytes(self, positions: int, bytes_per_elem: int) -> int:
+        """Bytes of the keys and values of ``positions`` positions (all key/value heads)."""
+        return 2 * self.n_kv_heads * self.head_dim * positions * bytes_per_elem
+
     def forward(
         self,
         x: torch.Tensor,
@@ -99,6 +108,25 @@ class SparseGlobalAttention(_AttentionBase):
 
     kernel_op = "attention"  # which kernel backend setting applies (see kernels.backends)
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at ``seq_len``, over the mean number of keys a query sees."""
+        return self._flops_per_token(sga_visible_keys(self.cfg, seq_len))
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes kept per sequence to decode token ``context_len + 1`` incrementally.
+
+        Assumed decode state: the keys/values of the last ``min(window, context_len)`` tokens;
+        the key/value summaries of the ``min(n_global, context_len // summary_chunk)`` most
+        recent completed chunks (``bytes_per_elem`` each); the running key/value sums of the
+        chunk in progress, in fp32 (4 bytes). Independent of ``context_len`` once it exceeds
+        ``window`` and ``n_global`` chunks.
+        """
+        cfg = self.cfg
+        summaries = min(cfg.n_global, context_len // cfg.summary_chunk)
+        window = min(cfg.window, context_len)
+        partial_sums = self._kv_bytes(1, 4)
+        return self._kv_bytes(window + summaries, bytes_per_elem) + partial_sums
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
@@ -186,6 +214,14 @@ class SparseGlobalAttention(_AttentionBase):
         return ChunkSummaries(means[0], means[1], f_start, f_end, doc)
 
 
+def sga_visible_keys(cfg: AttentionConfig, seq_len: int) -> float:
+    """Mean number of keys a query sees in SGA: its local window plus completed-chunk summaries."""
+    t = torch.arange(seq_len, dtype=torch.float64)
+    local = torch.clamp(t + 1, max=cfg.window)
+    summaries = torch.clamp(torch.floor((t + 1) / cfg.summary_chunk), max=cfg.n_global)
+    return float((local + summaries).mean())
+
+
 def _row_columns(row: torch.Tensor, start: int, width: int, fill: int) -> torch.Tensor:
     """Columns ``start .. start + width - 1`` of ``row`` [B, L], ``fill`` where start < 0."""
     if start >= 0:
@@ -201,6 +237,14 @@ class CausalSelfAttention(_AttentionBase):
     available); with ``seq_idx`` a block-diagonal causal [B, 1, T, T] mask keeps documents apart,
     which costs O(T^2) memory for the mask.
     """
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at ``seq_len``: a query sees (seq_len + 1) / 2 keys on average."""
+        return self._flops_per_token((seq_len + 1) / 2)
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes of the KV cache of one sequence: every key and value of ``context_len`` tokens."""
+        return self._kv_bytes(context_len, bytes_per_elem)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext

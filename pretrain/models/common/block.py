@@ -1,11 +1,11 @@
-"""The Hydra block: parallel gated paths, then optional memories.
+"""The block every family builds: named, gated, switchable residual paths.
 
-    h = x + g_ssm * SSM(n(x)) + g_att * SGA(n(x)) + g_ffn * FFN_or_MoE(n(x))   (path "ffn" or "moe")
-    h = h + g_ws * Workspace(n(h))      (blocks listed in workspace.after_blocks)
-    h = h + g_pkm * PKM(n(h))           (blocks listed in pkm.after_blocks)
+    h = x + sum_{p in parallel} g_p * P(n_p(x))       (paths reading the block input)
+    h = h + g_q * Q(n_q(h))                           (then each sequential path in turn)
 
-Each path has its own RMSNorm and a learnable scalar gate. A path that is switched off (absent
-from the config, or deactivated at run time by the curriculum) is skipped: it costs nothing.
+Each path has its own RMSNorm (unless it normalises its own input) and, when ``gated``, a
+learnable scalar gate. A path switched off at run time (by the curriculum) is skipped: it costs
+nothing.
 
 Shape legend: B batch, T time, D d_model.
 """
@@ -15,45 +15,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.common.attention import SparseGlobalAttention
-from pretrain.models.common.layers import RMSNorm, SwiGLU
-from pretrain.models.common.moe import ChunkMoE
-from pretrain.models.common.pkm import ProductKeyMemory
+from pretrain.models.common.layers import RMSNorm
 from pretrain.models.common.sequence import SequenceContext, resolve_context
-from pretrain.models.common.ssm import Mamba2Mixer
-from pretrain.models.common.workspace import WorkspaceMemory
-from pretrain.models.config import ModelConfig
-
-PARALLEL_PATHS = ("ssm", "attention", "ffn", "moe")
-MEMORY_PATHS = ("workspace", "pkm")
-
-
-def hydra_block_paths(cfg: ModelConfig, layer: int) -> dict[str, nn.Module]:
-    """The path modules that block ``layer`` of a Hydra model holds, keyed by path name."""
-    d, paths = cfg.d_model, {}
-    if cfg.ssm.enabled:
-        paths["ssm"] = Mamba2Mixer(d, cfg.ssm, norm_eps=cfg.norm_eps)
-    if cfg.attention.enabled and (layer + 1) % cfg.attention.every == 0:
-        paths["attention"] = SparseGlobalAttention(d, cfg.attention)
-    if cfg.moe.enabled and (layer + 1) % cfg.moe.every == 0:
-        paths["moe"] = ChunkMoE(d, cfg.moe)  # takes the FFN's place in this block
-    elif cfg.d_ff > 0:
-        paths["ffn"] = SwiGLU(d, cfg.d_ff)
-    if cfg.workspace.enabled and layer in cfg.workspace.after_blocks:
-        paths["workspace"] = WorkspaceMemory(d, cfg.workspace, norm_eps=cfg.norm_eps)
-    if cfg.pkm.enabled and layer in cfg.pkm.after_blocks:
-        paths["pkm"] = ProductKeyMemory(d, cfg.pkm, norm_eps=cfg.norm_eps)
-    return paths
 
 
 class GatedPathBlock(nn.Module):
-    """A residual block of named, gated, switchable paths (Hydra's block; also used by baselines).
+    """A residual block of named, gated, switchable paths (every family's block).
 
     Args:
         d_model: residual width.
         paths: path name -> module. Modules named in ``parallel`` read the block input and are
             summed; the others run one after another on the running residual.
-        parallel: names of the paths that run in parallel on the block input.
+        parallel: names of the paths that run in parallel on the block input (default none:
+            every path adds to the running residual in turn, as in a pre-norm baseline).
         norm_eps: RMSNorm epsilon.
         gate_init: initial value of every path gate.
         gated: False builds no gates (the Llama / Mamba-2 baselines have none).
@@ -63,7 +37,7 @@ class GatedPathBlock(nn.Module):
         self,
         d_model: int,
         paths: dict[str, nn.Module],
-        parallel: tuple[str, ...] = PARALLEL_PATHS,
+        parallel: tuple[str, ...] = (),
         norm_eps: float = 1e-5,
         gate_init: float = 1.0,
         gated: bool = True,
@@ -138,8 +112,3 @@ class GatedPathBlock(nn.Module):
             if aux is not None:
                 aux_loss = aux_loss + aux
         return x, aux_loss
-
-
-def build_hydra_block(cfg: ModelConfig, layer: int) -> GatedPathBlock:
-    """Block ``layer`` of a Hydra model."""
-    return GatedPathBlock(cfg.d_model, hydra_block_paths(cfg, layer), norm_eps=cfg.norm_eps)

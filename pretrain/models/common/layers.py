@@ -46,6 +46,10 @@ class SwiGLU(nn.Module):
         """x [B, T, D] -> [B, T, D]; per token, so ``seq_idx`` and ``context`` are ignored."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: two per weight (three matmuls, ``seq_len``-free)."""
+        return 2 * sum(p.numel() for p in self.parameters())
+
 
 def rope_angles(
     positions: torch.Tensor, head_dim: int, theta: float

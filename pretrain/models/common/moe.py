@@ -386,6 +386,19 @@ class ChunkMoE(nn.Module):
                 self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the router and the top-k of E experts (``seq_len``-free)."""
+        experts = sum(w.numel() for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        return 2 * (self.router.weight.numel() + experts * self.cfg.top_k / self.cfg.n_experts)
+
+    def active_params(self) -> int:
+        """Parameters one token's forward touches: the router and top_k / E of the experts."""
+        total = sum(p.numel() for p in self.parameters())
+        expert_params = sum(
+            p.numel() for name, p in self.named_parameters() if not name.startswith("router")
+        )
+        return total - expert_params + expert_params * self.cfg.top_k // self.cfg.n_experts
+
     def expert_load(self) -> torch.Tensor:
         """[E] fraction of the (token, slot) assignments per expert in the last optimizer step,
         over every routing rank. All zeros before the first step (or in eval only)."""

@@ -182,3 +182,17 @@ class ProductKeyMemory(nn.Module):
     def reset_usage(self) -> None:
         """Clear the usage counts (e.g. after each logging interval)."""
         self.usage_counts.zero_()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the query, the two half-searches over the sub-keys and the
+        weighted sum of the ``n_heads * top_k`` rows read (``seq_len``-free)."""
+        rows = self.n_heads * self.top_k
+        search = 2 * self.n_heads * 2 * self.n_subkeys * (self.d_key // 2)
+        return 2 * self.query.weight.numel() + search + 2 * rows * self.d_value
+
+    def active_params(self) -> int:
+        """Parameters one token's forward touches: all but the value rows it does not read."""
+        rows, d_value = self.values.weight.shape
+        rows_read = min(rows, self.n_heads * self.top_k)
+        total = sum(p.numel() for p in self.parameters())
+        return total - rows * d_value + rows_read * d_value

@@ -113,6 +113,27 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
         self.norm.init_weights(init_std)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: projections, the chunked SSD scan and the conv.
+
+        The scan counts, per token and head, the intra-chunk C.B^T (N per pair) and scores @ x
+        (P per pair) over ~chunk/2 causal pairs, the chunk state B^T x (N*P) and the
+        state -> output C.h (N*P); none of it depends on ``seq_len``.
+        """
+        cfg = self.cfg
+        heads, head_dim, d_state, chunk = self.n_heads, cfg.head_dim, cfg.d_state, cfg.chunk_size
+        proj = 2 * (self.in_proj.weight.numel() + self.out_proj.weight.numel())
+        scan = heads * (2 * (chunk / 2) * (d_state + head_dim) + 2 * 2 * d_state * head_dim)
+        conv = 2 * self.conv1d.weight.numel()
+        return proj + scan + conv
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes of one sequence's decode state (an ``SSMState``), whatever ``context_len`` is:
+        the scan state [H, P, N] in fp32 (4 bytes) and the last K-1 conv inputs [K-1, X]."""
+        ssm_state = self.n_heads * self.cfg.head_dim * self.cfg.d_state * 4
+        conv_state = (self.cfg.d_conv - 1) * self.conv_dim * bytes_per_elem
+        return ssm_state + conv_state
+
     def forward(
         self,
         x: torch.Tensor,

@@ -142,6 +142,26 @@ class WorkspaceMemory(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.zeros_(self.gate.bias)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: two per weight, plus the read and the write attention
+        (q.k and p.v against M slots, ``seq_len``-free)."""
+        params = sum(p.numel() for p in self.parameters())
+        return 2 * params + 4 * self.d_model * self.n_slots * 2
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes kept per sequence to decode incrementally after ``context_len`` tokens.
+
+        Assumed decode state, following ``forward``: the slot state [M, D] in fp32 (4 bytes),
+        which every token of the current chunk reads, and the write keys/values [C, 2D] of the
+        current chunk's tokens (``bytes_per_elem`` each), which the write at the chunk's end
+        attends over; the buffer is sized for a whole chunk (``min(C, context_len)`` tokens)
+        rather than for the tokens pending at exactly ``context_len``. (An online softmax over
+        the fixed slot queries could keep [M, D] + [M, H] fp32 accumulators instead.)
+        """
+        slots = self.n_slots * self.d_model * 4
+        pending = min(self.chunk_size, context_len) * 2 * self.d_model * bytes_per_elem
+        return slots + pending
+
     def forward(
         self,
         x: torch.Tensor,

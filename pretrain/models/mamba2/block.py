@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from pretrain.models.common.block import GatedPathBlock
 from pretrain.models.common.layers import SwiGLU
 from pretrain.models.common.ssm import Mamba2Mixer
 from pretrain.models.config import ModelConfig
-from pretrain.models.hydra.block import GatedPathBlock
 
 
 def build_mamba2_block(cfg: ModelConfig, layer: int) -> GatedPathBlock:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pretrain.models.common.attention import CausalSelfAttention
+from pretrain.models.common.block import GatedPathBlock
 from pretrain.models.common.layers import SwiGLU
 from pretrain.models.config import ModelConfig
-from pretrain.models.hydra.block import GatedPathBlock
 
 
 def build_transformer_block(cfg: ModelConfig, layer: int) -> GatedPathBlock:
