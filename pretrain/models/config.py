@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pretrain.config_errors import ConfigError
+from pretrain.models.attamba.config import AttambaConfig
 from pretrain.models.registry import FAMILY_NAMES, get_family, uses_component
 
 MODEL_FAMILIES = FAMILY_NAMES  # the registry's names (kept for importers of the old list)
@@ -156,7 +157,7 @@ class PKMConfig:
 class ModelConfig:
     """A whole model: family, sizes and one section per component."""
 
-    family: str = "hydra"  # hydra | transformer | mamba2
+    family: str = "hydra"  # hydra | transformer | mamba2 | attamba
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
@@ -170,6 +171,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
+    attamba: AttambaConfig = field(default_factory=AttambaConfig)
 
     def __post_init__(self) -> None:
         _check(self.family in FAMILY_NAMES, "model.family", f"must be one of {list(FAMILY_NAMES)}")

@@ -11,7 +11,18 @@ from pretrain.models import CausalLM, build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Configs small enough to run forward/backward on a 2-core CPU inside the test suite.
-CPU_CONFIGS = ["hydra-tiny.yaml", "hydra-29m.yaml", "transformer-29m.yaml", "mamba2-29m.yaml"]
+CPU_CONFIGS = [
+    "hydra-tiny.yaml",
+    "hydra-29m.yaml",
+    "transformer-29m.yaml",
+    "mamba2-29m.yaml",
+    "attamba-tiny.yaml",
+    "attamba-29m.yaml",
+]
+# One small config per family: the family-generic tests (packing, gradients, bf16) run on these.
+FAMILY_CONFIGS = ["hydra-tiny.yaml", "transformer-29m.yaml", "mamba2-29m.yaml", "attamba-tiny.yaml"]
+# Overrides that shrink a family config where a test only needs its structure, not its size.
+SHRINK = {"transformer-29m.yaml": ("model.n_layers=2",), "mamba2-29m.yaml": ("model.n_layers=2",)}
 
 
 def build_from_config(name: str, *overrides: str, seed: int = 0) -> CausalLM:

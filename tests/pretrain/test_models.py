@@ -7,7 +7,13 @@ import torch
 
 from pretrain.loss import lm_loss
 from pretrain.models.common.block import GatedPathBlock
-from tests.pretrain.model_helpers import CPU_CONFIGS, build_from_config, random_tokens
+from tests.pretrain.model_helpers import (
+    CPU_CONFIGS,
+    FAMILY_CONFIGS,
+    SHRINK,
+    build_from_config,
+    random_tokens,
+)
 
 # The 29M configs are exercised at a short length to keep the suite fast on 2 cores; the chunk
 # and window sizes in them are shrunk by overrides so that several chunks/windows are crossed.
@@ -22,6 +28,8 @@ SHORT = {
     ),
     "transformer-29m.yaml": (),
     "mamba2-29m.yaml": ("model.ssm.chunk_size=16",),
+    "attamba-tiny.yaml": (),
+    "attamba-29m.yaml": ("model.ssm.chunk_size=16", "model.attamba.leading_tokens=8"),
 }
 LENGTH = {"hydra-tiny.yaml": 96}
 
@@ -43,7 +51,7 @@ def test_causality(name: str) -> None:
             )
 
 
-@pytest.mark.parametrize("name", ["hydra-tiny.yaml", "transformer-29m.yaml", "mamba2-29m.yaml"])
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_packed_documents_equal_documents_run_alone(name: str) -> None:
     model = build_from_config(name, *SHORT[name]).eval()
     lengths = [37, 50, 9]  # documents start mid-chunk and mid-window
@@ -56,8 +64,9 @@ def test_packed_documents_equal_documents_run_alone(name: str) -> None:
     torch.testing.assert_close(packed_logits, alone, atol=2e-5, rtol=1e-4)
 
 
-def test_gradients_reach_every_parameter_and_bf16_is_finite() -> None:
-    model = build_from_config("hydra-tiny.yaml")
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_gradients_reach_every_parameter_and_bf16_is_finite(name: str) -> None:
+    model = build_from_config(name, *SHRINK.get(name, ()))
     ids = random_tokens(model, 4, 128)
     out = model(ids[:, :-1])
     (lm_loss(out.logits, ids[:, 1:]) + out.aux_loss).backward()

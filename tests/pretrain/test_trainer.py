@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pretrain.trainer_helpers import FAST, TINY, WORKER, logged_rows, losses, run_training
+from tests.pretrain.trainer_helpers import (
+    ATTAMBA_TINY,
+    FAST,
+    TINY,
+    WORKER,
+    logged_rows,
+    losses,
+    run_training,
+)
 
 STAGES = (
     "curriculum.stages=[{name: backbone, steps: 2, components: [ssm, ffn]},"
@@ -21,11 +29,14 @@ STAGES = (
 )
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
-    run_training(tmp_path / "full")
-    run_training(tmp_path / "split", stop_at=3)
+@pytest.mark.parametrize("config", [TINY, ATTAMBA_TINY], ids=["hydra", "attamba"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(
+    tmp_path: Path, config: str
+) -> None:
+    run_training(tmp_path / "full", config=config)
+    run_training(tmp_path / "split", stop_at=3, config=config)
     assert len(losses(tmp_path / "split")) == 3
-    run_training(tmp_path / "split")
+    run_training(tmp_path / "split", config=config)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bitwise, not approx
     assert len(losses(tmp_path / "full")) == 6
 

@@ -13,6 +13,7 @@ from tests.pretrain.model_helpers import CONFIG_DIR
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TINY = str(CONFIG_DIR / "hydra-tiny.yaml")
+ATTAMBA_TINY = str(CONFIG_DIR / "attamba-tiny.yaml")
 # A fast variant of the tiny config: 2 blocks with every component, short rows, 6 steps.
 FAST = [
     "model.n_layers=2",
@@ -37,10 +38,16 @@ def free_port() -> int:
 
 
 def run_training(
-    run_dir: Path, *overrides: str, stop_at: int = 0, nproc: int = 1, env: dict | None = None
+    run_dir: Path,
+    *overrides: str,
+    stop_at: int = 0,
+    nproc: int = 1,
+    env: dict | None = None,
+    config: str = TINY,
 ) -> subprocess.CompletedProcess:
-    """Train in a subprocess (``nproc`` > 1: torchrun with gloo); raises with its output on failure."""
-    args = [TINY, str(stop_at), *FAST, f"run.dir={run_dir}", *overrides]
+    """Train ``config`` (FAST) in a subprocess (``nproc`` > 1: torchrun with gloo); raises with
+    its output on failure."""
+    args = [config, str(stop_at), *FAST, f"run.dir={run_dir}", *overrides]
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:

@@ -74,7 +74,11 @@ class Mamba2Mixer(nn.Module):
     kernel_op = "ssd"  # which kernel backend setting applies (see kernels.backends)
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
-    def __init__(self, d_model: int, cfg: SSMConfig, norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self, d_model: int, cfg: SSMConfig, norm_eps: float = 1e-5, d_out: int | None = None
+    ) -> None:
+        """``d_out``: width of the output (default d_model; Attamba's key/value scans project
+        to the key/value width)."""
         super().__init__()
         d_inner = cfg.expand * d_model
         if d_inner % cfg.head_dim:
@@ -93,7 +97,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(n_heads, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(n_heads, dtype=torch.float32))
         self.norm = GatedRMSNorm(d_inner, d_inner // cfg.n_groups, eps=norm_eps)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_out or d_model, bias=False)
         self.init_weights()
 
     @torch.no_grad()

@@ -1,0 +1,142 @@
+"""Attamba attention: keys and values from SSM scans that restart at every chunk; each query
+attends to the chunks' last tokens and to its leading window.
+
+Shape legend: B batch, T time, D d_model, H query heads, Hkv key/value heads, K head dim.
+
+Keys and values are the outputs of two Mamba-2 mixers (``model.ssm``) run with ``seq_idx`` at
+chunk granularity (``kernels.attention.boundary.chunk_ids``): the scan and the conv restart at
+every chunk and document start, so the key of a chunk's last token summarises exactly that
+chunk, and nothing of an earlier chunk leaks into it. Keys are rotated (RoPE) at their
+positions in the document, like the queries. The attention itself is
+``kernels.attention.op.chunk_boundary_attention``: O(T * (leading + T / P)), never a T x T mask.
+At inference a layer keeps only the boundary keys/values, the leading window and the two scan
+states (``cache_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels.attention.boundary import chunk_ids
+from kernels.attention.op import chunk_boundary_attention
+from pretrain.models.attamba.config import AttambaConfig
+from pretrain.models.common.layers import apply_rope, rope_angles
+from pretrain.models.common.sequence import SequenceContext, resolve_context
+from pretrain.models.common.ssm import Mamba2Mixer
+from pretrain.models.config import AttentionConfig, SSMConfig
+
+
+class AttambaAttention(nn.Module):
+    """Chunk-boundary attention over SSM keys and values (one Attamba layer's mixer).
+
+    Args:
+        d_model: residual width.
+        attention: heads (``n_heads``, ``n_kv_heads``) and ``rope_theta``.
+        ssm: the key and value scans' settings.
+        cfg: chunk size, leading window, chunking mode.
+        offset: this layer's chunk grid offset (``AttambaConfig.offset``).
+        norm_eps: the scans' gated-norm epsilon.
+    """
+
+    kernel_op = "boundary_attention"  # which kernel backend setting applies (kernels.backends)
+    kernel_backend = "torch"  # set per instance by apply_kernel_backends
+
+    def __init__(
+        self,
+        d_model: int,
+        attention: AttentionConfig,
+        ssm: SSMConfig,
+        cfg: AttambaConfig,
+        offset: int,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if d_model % attention.n_heads:
+            raise ValueError(f"n_heads={attention.n_heads} must divide d_model={d_model}")
+        self.cfg, self.rope_theta, self.offset = cfg, attention.rope_theta, offset
+        self.n_heads = attention.n_heads
+        self.n_kv_heads = attention.n_kv_heads or attention.n_heads
+        self.head_dim = d_model // attention.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_scan = Mamba2Mixer(d_model, ssm, norm_eps=norm_eps, d_out=kv_dim)
+        self.v_scan = Mamba2Mixer(d_model, ssm, norm_eps=norm_eps, d_out=kv_dim)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.init_weights()
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        for lin in (self.wq, self.wo):
+            nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        self.k_scan.init_weights(init_std)
+        self.v_scan.init_weights(init_std)
+
+    def keys_values(
+        self, x: torch.Tensor, context: SequenceContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> k (rotated), v [B, T, Hkv, K] from scans restarted at every chunk."""
+        B, T, _ = x.shape
+        chunks = chunk_ids(context.doc_pos, self.cfg.chunk_size, self.offset)
+        k = self.k_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        context: SequenceContext | None = None,
+    ) -> torch.Tensor:
+        """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D]."""
+        B, T, _ = x.shape
+        context = resolve_context(x, seq_idx, context)
+        if context.split:
+            raise ValueError("Attamba attention does not support context parallelism (cp > 1)")
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        cos, sin = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
+        q = apply_rope(q, cos, sin)
+        k, v = self.keys_values(x, context)
+        out = chunk_boundary_attention(
+            q,
+            k,
+            v,
+            context.doc_pos,
+            context.seq_idx,
+            chunk=self.cfg.chunk_size,
+            offset=self.offset,
+            leading=self.cfg.leading_tokens,
+            backend=self.kernel_backend,
+        )
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+    def visible_keys(self, seq_len: int) -> float:
+        """Mean number of keys a query sees in a one-document row of ``seq_len`` tokens."""
+        lead, P = self.cfg.leading_tokens, self.cfg.chunk_size
+        t = torch.arange(seq_len, dtype=torch.float64)
+        window = torch.clamp(t + 1, max=lead)
+        # boundaries at or before t - leading: chunk ends offset-1, offset-1+P, ... (offset 0: P-1)
+        first_end = (self.offset or P) - 1
+        seen = t - lead - first_end
+        boundaries = torch.where(seen >= 0, torch.floor(seen / P) + 1, torch.zeros_like(t))
+        return float((window + boundaries).mean())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: q/o projections, the two scans, q.k and p.v over the keys."""
+        proj = 2 * (self.wq.weight.numel() + self.wo.weight.numel())
+        scans = self.k_scan.flops_per_token(seq_len) + self.v_scan.flops_per_token(seq_len)
+        return proj + scans + 2 * 2 * self.n_heads * self.head_dim * self.visible_keys(seq_len)
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes kept per sequence for decoding after ``context_len`` tokens: the keys/values of
+        the leading window and of every completed chunk's boundary, plus both scans' states."""
+        kv_per_token = 2 * self.n_kv_heads * self.head_dim * bytes_per_elem
+        tokens = min(context_len, self.cfg.leading_tokens) + math.ceil(
+            context_len / self.cfg.chunk_size
+        )
+        scans = self.k_scan.cache_bytes(context_len, bytes_per_elem)
+        scans += self.v_scan.cache_bytes(context_len, bytes_per_elem)
+        return tokens * kv_per_token + scans
