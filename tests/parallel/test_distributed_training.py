@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.pretrain.trainer_helpers import logged_rows, losses, run_training
+from tests.pretrain.trainer_helpers import ATTAMBA_TINY, logged_rows, losses, run_training
 
 # The MoE's balance loss, z-loss and bias update use statistics summed over every routing rank
 # (``ChunkMoE.reducer``, installed by every backend), so they stay on: they are the same
@@ -112,6 +112,31 @@ def test_two_ranks_match_one_process(
     logged = [row for row in logged_rows(tmp_path) if "pkm/L0/lookup_share" in row]
     assert logged and all(0 < r["pkm/L0/lookup_share"] < 1 for r in logged)
     assert all(0 < r["pkm/L0/key_usage"] <= 1 for r in logged)
+
+
+@pytest.fixture(scope="module")
+def attamba_single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("attamba_single")
+    run_training(run_dir, *GLOBAL_BATCH_1, env=DUMP, config=ATTAMBA_TINY)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "parallel.backend=fsdp2",
+        "parallel.backend=deepspeed parallel.deepspeed_config=configs/deepspeed/zero2.json",
+    ],
+    ids=["fsdp2", "zero2"],
+)
+def test_attamba_on_two_ranks_matches_one_process(
+    tmp_path: Path, attamba_single_process: Path, backend: str
+) -> None:
+    """The Attamba family trains through every backend unchanged (no family-specific code)."""
+    run_training(
+        tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP, config=ATTAMBA_TINY
+    )
+    _assert_same_training(attamba_single_process, tmp_path)
 
 
 def test_two_rank_fsdp2_resume_is_exact(
