@@ -14,10 +14,11 @@ Each task probes the component that should matter most for it:
 
 Variants: ``full`` (every component), ``no_attention``, ``no_moe`` (a dense FFN instead),
 ``no_workspace``, ``no_pkm`` (each a config override ``model.<component>.enabled=false``, so the
-removed component has no parameters and costs nothing), and ``transformer`` (the Llama-style
-baseline, its ``d_ff`` chosen so that its parameter count is the closest to ``full``'s; both counts
-are printed). By default each task trains ``full``, the variant without its component and
-``transformer``; ``--all-variants`` trains all six on every task.
+removed component has no parameters and costs nothing), and two other families as baselines:
+``transformer`` (Llama-style) and ``attamba`` (SSM keys/values, attention over chunk boundaries
+plus a leading window), each with its ``d_ff`` chosen so that its parameter count is the closest
+to ``full``'s; the counts are printed. By default each task trains ``full``, the variant without
+its component and both baselines; ``--all-variants`` trains all seven on every task.
 
 Every run goes through the real trainer (``pretrain.build.build_trainer``): one curriculum stage
 with all of the variant's components on, tracking and checkpoints off, the same steps, batch and
@@ -117,7 +118,16 @@ TASKS: dict[str, AblationTask] = {
 }
 
 COMPONENTS = ("attention", "moe", "workspace", "pkm")
-VARIANTS = ("full", *(f"no_{c}" for c in COMPONENTS), "transformer")
+# Other families, sized to the full Hydra by d_ff (and layers): the overrides that make each.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "transformer": ("model.family=transformer",),
+    "attamba": (
+        "model.family=attamba",
+        "model.ssm.expand=1",
+        "model.attamba={chunk_size: 4, leading_tokens: 8, chunking: cyclic}",
+    ),
+}
+VARIANTS = ("full", *(f"no_{c}" for c in COMPONENTS), *BASELINES)
 
 
 @dataclass
@@ -190,14 +200,15 @@ def count_params(cfg: RunConfig) -> int:
     return count_parameters(build_model(cfg.model, device="meta")).total
 
 
-def size_transformer(s: Settings) -> tuple[list[str], int, int]:
-    """Transformer overrides whose total parameters are closest to the full Hydra's.
+def size_baseline(s: Settings, family: str) -> tuple[list[str], int, int]:
+    """Overrides of baseline ``family`` (``BASELINES``) whose total parameters are closest to the
+    full Hydra's.
 
     Same d_model, vocabulary and heads; ``d_ff`` (multiples of 16) and, when even the widest FFN
     is too small, more layers make up the difference.
 
     Returns:
-        (overrides, transformer params, full Hydra params).
+        (overrides, baseline params, full Hydra params).
     """
     hydra = count_params(load_config(s.base_config, s.model_overrides))
     base = load_config(s.base_config, s.model_overrides).model
@@ -205,7 +216,7 @@ def size_transformer(s: Settings) -> tuple[list[str], int, int]:
     for n_layers in range(base.n_layers, 4 * base.n_layers + 1):
         for d_ff in range(16, 16 * base.d_model + 1, 16):
             overrides = [
-                "model.family=transformer",
+                *BASELINES[family],
                 f"model.n_layers={n_layers}",
                 f"model.d_ff={d_ff}",
             ]
@@ -220,22 +231,21 @@ def size_transformer(s: Settings) -> tuple[list[str], int, int]:
     return best[1], best[2], hydra
 
 
-def variant_overrides(variant: str, transformer: list[str]) -> list[str]:
-    """The config overrides that make ``variant`` (``transformer``: the sized baseline's)."""
+def variant_overrides(variant: str, baselines: dict[str, list[str]]) -> list[str]:
+    """The config overrides that make ``variant`` (a baseline family: its sized overrides)."""
     if variant == "full":
         return []
-    if variant == "transformer":
-        return transformer
+    if variant in baselines:
+        return baselines[variant]
     return [f"model.{variant.removeprefix('no_')}.enabled=false"]
 
 
 def plan_runs(tasks: list[str], all_variants: bool) -> list[tuple[str, str]]:
-    """(task, variant) pairs: every variant, or full / no_<component> / transformer per task."""
+    """(task, variant) pairs: every variant, or full / no_<component> / baselines per task."""
     pairs = []
     for name in tasks:
-        chosen = (
-            VARIANTS if all_variants else ("full", f"no_{TASKS[name].component}", "transformer")
-        )
+        relevant = ("full", f"no_{TASKS[name].component}", *BASELINES)
+        chosen = VARIANTS if all_variants else relevant
         pairs += [(name, v) for v in chosen]
     return pairs
 
@@ -402,13 +412,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _variant_info(s: Settings, variants: list[str]) -> dict[str, dict[str, Any]]:
     """Per variant: its overrides, how the component is removed and its parameter count."""
-    transformer, t_params, h_params = size_transformer(s)
-    print(
-        f"params: full hydra {h_params:,}, transformer {t_params:,} ({t_params / h_params - 1:+.1%})"
-    )
+    baselines = {}
+    for family in BASELINES:
+        if family not in variants:
+            continue
+        baselines[family], b_params, h_params = size_baseline(s, family)
+        print(
+            f"params: full hydra {h_params:,}, {family} {b_params:,} ({b_params / h_params - 1:+.1%})"
+        )
     info = {}
     for variant in variants:
-        overrides = variant_overrides(variant, transformer)
+        overrides = variant_overrides(variant, baselines)
         params = count_params(load_config(s.base_config, [*s.model_overrides, *overrides]))
         how = "config override " + " ".join(overrides) if overrides else "every component on"
         info[variant] = {"overrides": overrides, "how": how, "params": params}

@@ -66,7 +66,8 @@ from pretrain.models.paths import PATH_NAMES  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 DEFAULT_CONFIGS = tuple(
-    str(REPO / "configs" / f"{name}-29m.yaml") for name in ("hydra", "transformer", "mamba2")
+    str(REPO / "configs" / f"{name}-29m.yaml")
+    for name in ("hydra", "transformer", "mamba2", "attamba")
 )
 DEFAULTS = {"lengths": [1024, 2048, 4096, 8192, 16384], "tokens_per_step": 16384, "repeats": 3}
 QUICK = {"lengths": [64, 128], "tokens_per_step": 256, "repeats": 1}
@@ -81,6 +82,7 @@ QUICK_OVERRIDES = (
     "model.moe={n_experts: 4, d_expert: 64, chunk_size: 16}",
     "model.workspace={after_blocks: [0], n_slots: 8, chunk_size: 32, n_heads: 4}",
     "model.pkm={after_blocks: [1], n_subkeys: 16, top_k: 4, n_heads: 2, d_key: 32}",
+    "model.attamba={chunk_size: 4, leading_tokens: 8}",
 )
 ERROR_CHARS = 500  # an OOM message can run to pages; keep its head
 

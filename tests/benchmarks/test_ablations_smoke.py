@@ -28,8 +28,8 @@ def test_two_tasks_one_seed_write_json_table_and_plot(
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert out.with_suffix(".png").stat().st_size > 0
     assert {"settings", "variants", "tasks", "runs", "summary", "wall_s"} <= report.keys()
-    expected = {("domain_mixture", v) for v in ("full", "no_moe", "transformer")}
-    expected |= {("chaining", v) for v in ("full", "no_workspace", "transformer")}
+    expected = {("domain_mixture", v) for v in ("full", "no_moe", "transformer", "attamba")}
+    expected |= {("chaining", v) for v in ("full", "no_workspace", "transformer", "attamba")}
     assert {(r["task"], r["variant"]) for r in report["runs"]} == expected
     for run in report["runs"]:
         assert run["tokens"] == 3 * 2 * 64 and math.isfinite(run["loss_last"])
@@ -47,8 +47,10 @@ def test_two_tasks_one_seed_write_json_table_and_plot(
     assert summary["domain_mixture expert_mi_bits"]["full"]["mean"] >= 0.0
     assert summary["domain_mixture expert_mi_bits"]["no_moe"]["mean"] is None  # no experts
     assert report["variants"]["no_moe"]["how"] == "config override model.moe.enabled=false"
-    hydra, transformer = (report["variants"][v]["params"] for v in ("full", "transformer"))
-    assert abs(transformer - hydra) / hydra < 0.1
+    hydra = report["variants"]["full"]["params"]
+    for baseline in ("transformer", "attamba"):
+        assert abs(report["variants"][baseline]["params"] - hydra) / hydra < 0.1
+    assert "model.family=attamba" in report["variants"]["attamba"]["how"]
     table = capsys.readouterr().out
     assert "chaining_h5 accuracy" in table and "n/a" in table and "±" in table
 
@@ -58,8 +60,9 @@ def test_plan_trains_the_relevant_variants_unless_asked_for_all() -> None:
         ("fact_lookup", "full"),
         ("fact_lookup", "no_pkm"),
         ("fact_lookup", "transformer"),
+        ("fact_lookup", "attamba"),
     ]
-    assert len(bench.plan_runs(["fact_lookup", "chaining"], all_variants=True)) == 12
+    assert len(bench.plan_runs(["fact_lookup", "chaining"], all_variants=True)) == 14
 
 
 def test_scale_keeps_memories_at_their_relative_depth() -> None:
