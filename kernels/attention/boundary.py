@@ -23,7 +23,8 @@ every batch of a length has the same shapes (no host sync, one compiled kernel p
 unused slots are masked. The bound: each kept boundary either ends a full P-token chunk lying in
 the row (disjoint, at most T // P), or ends a document's short first chunk of ``offset`` tokens,
 and then its document holds at least ``offset + leading`` tokens of the row (at most
-``T // (offset + leading)`` of those).
+``T // (offset + leading)`` of those), or ends the short chunk a row begins with when its first
+document started before the row (``doc_pos[:, 0] > 0``; at most one).
 
 CPU algorithm (``boundary_attention``), never a T x T tensor: the window part is the blocked
 local attention of ``kernels.attention.ref``; the boundary part attends query groups to the
@@ -72,7 +73,7 @@ def boundary_slot_bound(length: int, chunk: int, offset: int, leading: int) -> i
     """The most boundary slots a row of ``length`` tokens can need (see the module docstring)."""
     full = length // chunk
     short_first = length // (offset + leading) if offset > 0 else 0
-    return full + short_first
+    return full + short_first + 1  # + 1: the row's own first chunk, if it continues a document
 
 
 def _check_chunking(chunk: int, offset: int, leading: int) -> None:
@@ -173,7 +174,7 @@ def _query_groups(
         seen = t1 - leading  # positions 0 .. t1 - 1 - leading can be seen by queries < t1
         full = max(0, seen) // chunk
         short_first = t1 // (offset + leading) if offset > 0 else 0
-        hi = min(n_slots, full + short_first)
+        hi = min(n_slots, full + short_first + 1)  # + 1 as in boundary_slot_bound
         if hi > 0:
             groups.append((t0, t1, hi))
     return groups

@@ -27,16 +27,20 @@ def boundary_mask_mod(slots: BoundarySlots, doc: torch.Tensor, leading: int) -> 
     before every lookup, so padded tiles never read out of bounds)."""
     T, S = doc.shape[1], slots.pos.shape[1]
 
+    def local(b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        s = kv.clamp(max=T - 1)
+        return (kv < T) & (kv <= q) & (q - kv < leading) & (doc[b, s] == doc[b, q])
+
     def mask_mod(
         b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
         q = q_idx.clamp(max=T - 1)
-        s = kv_idx.clamp(max=T - 1)
-        local = (kv_idx < T) & (kv_idx <= q) & (q - kv_idx < leading) & (doc[b, s] == doc[b, q])
-        j = (kv_idx - T).clamp(0, max(S - 1, 0))
+        j = (kv_idx - T).clamp(0, S - 1)
         slot = (kv_idx >= T) & (slots.pos[b, j] <= q - leading) & (slots.doc[b, j] == doc[b, q])
-        return local | slot
+        return local(b, q, kv_idx) | slot
 
+    if S == 0:  # no slot to index: the leading window alone
+        return lambda b, h, q_idx, kv_idx: local(b, q_idx.clamp(max=T - 1), kv_idx)
     return mask_mod
 
 

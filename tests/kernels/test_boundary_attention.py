@@ -78,6 +78,7 @@ CASES = [
     (2, 30, 2, 2, 4, 4, 1, 1, False),  # leading 1: each query sees itself and boundaries
     (1, 20, 2, 2, 4, 4, 2, 64, True),  # leading >= T: plain causal attention per document
     (3, 70, 4, 2, 8, 7, 6, 4, True),  # ragged everything
+    (2, 5, 2, 1, 4, 8, 0, 2, True),  # T < P: no chunk completes, no slot at all
 ]
 
 
@@ -117,6 +118,11 @@ def test_flex_forward_matches_blocked():
         want = chunk_boundary_attention(q, k, v, doc_pos, seq_idx, **kw)
         got = chunk_boundary_attention(q, k, v, doc_pos, seq_idx, **kw, backend="flex")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # rows shorter than a chunk: no slot, the window alone
+    short = [t[:, :5] for t in (q, k, v, doc_pos, seq_idx)]
+    want = chunk_boundary_attention(*short, chunk=8, leading=2)
+    got = chunk_boundary_attention(*short, chunk=8, leading=2, backend="flex")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk,offset,leading", [(4, 0, 1), (4, 3, 1), (8, 5, 2), (6, 1, 7)])
@@ -135,11 +141,32 @@ def test_slot_bound_holds_for_adversarial_packings(chunk, offset, leading):
         assert slots.pos.shape[1] == boundary_slot_bound(T, chunk, offset, leading)
         used = slots.pos[slots.pos < T]
         assert torch.all(used[1:] > used[:-1])  # position order
+        # every boundary some later query sees has a slot (an overflow would be dropped)
+        docs = [0] * T if seq_idx is None else seq_idx[0].tolist()
+        starts = [
+            doc_pos[0, t] == 0
+            or (doc_pos[0, t] >= offset and (doc_pos[0, t] - offset) % chunk == 0)
+            for t in range(T)
+        ]
+        needed = [
+            s
+            for s in range(T - leading)
+            if (s + 1 == T or starts[s + 1]) and docs[s + leading] == docs[s]
+        ]
+        assert used.tolist() == needed
     # the adversarial row fills every short-first slot the bound allows for it
     doc_pos = positions_in_document(adversarial, 1, T, torch.device("cpu"))
     slots = boundary_slots(doc_pos, adversarial, chunk=chunk, offset=offset, leading=leading)
     if offset > 0:
         assert int((slots.pos < T).sum()) == T // short
+
+
+def test_a_row_that_continues_a_document_keeps_every_boundary():
+    """doc_pos need not start at 0 (a row cut from inside a document): its first short chunk
+    is one more boundary than the in-row documents account for."""
+    doc_pos = torch.arange(3, 10)[None]  # P = 4: boundaries at row positions 0 and 4
+    slots = boundary_slots(doc_pos, None, chunk=4, offset=0, leading=1)
+    assert slots.pos[0][slots.pos[0] < 7].tolist() == [0, 4]
 
 
 def test_slot_shapes_do_not_depend_on_packing():

@@ -132,11 +132,12 @@ class AttambaAttention(nn.Module):
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence for decoding after ``context_len`` tokens: the keys/values of
-        the leading window and of every completed chunk's boundary, plus both scans' states."""
+        the leading window, those of the chunk boundaries before it (at most one per P tokens
+        outside the window), plus both scans' states."""
         kv_per_token = 2 * self.n_kv_heads * self.head_dim * bytes_per_elem
-        tokens = min(context_len, self.cfg.leading_tokens) + math.ceil(
-            context_len / self.cfg.chunk_size
-        )
+        lead = self.cfg.leading_tokens
+        outside = max(0, context_len - lead)
+        tokens = min(context_len, lead) + math.ceil(outside / self.cfg.chunk_size)
         scans = self.k_scan.cache_bytes(context_len, bytes_per_elem)
         scans += self.v_scan.cache_bytes(context_len, bytes_per_elem)
         return tokens * kv_per_token + scans

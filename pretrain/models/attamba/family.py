@@ -14,6 +14,10 @@ def attamba_config_problems(cfg: ModelConfig) -> list[str]:
     problems = component_problems(cfg, frozenset({"attention", "ssm"}))
     if cfg.d_ff == 0 and not cfg.attamba.use_moe:
         problems.append("model.d_ff: an Attamba block needs d_ff > 0 (or model.attamba.use_moe)")
+    if cfg.attamba.use_moe and not cfg.moe.enabled:
+        problems.append("model.attamba.use_moe: needs model.moe.enabled=true")
+    if cfg.attamba.use_moe and cfg.moe.routing == "chunk" and cfg.moe.chunk_size > cfg.max_seq_len:
+        problems.append("model.moe.chunk_size: larger than model.max_seq_len")
     return problems
 
 
