@@ -74,15 +74,22 @@ class AttambaAttention(nn.Module):
         self.v_scan.init_weights(init_std)
 
     def keys_values(
-        self, x: torch.Tensor, context: SequenceContext
+        self,
+        x: torch.Tensor,
+        context: SequenceContext,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> k (rotated), v [B, T, Hkv, K] from scans restarted at every chunk."""
+        """x [B, T, D] -> k (rotated), v [B, T, Hkv, K] from scans restarted at every chunk.
+
+        ``angles``: the RoPE (cos, sin) of ``context.doc_pos``, when the caller has them.
+        """
         B, T, _ = x.shape
         chunks = chunk_ids(context.doc_pos, self.cfg.chunk_size, self.offset)
         k = self.k_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
-        return apply_rope(k, cos, sin), v
+        if angles is None:
+            angles = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
+        return apply_rope(k, *angles), v
 
     def forward(
         self,
@@ -96,10 +103,9 @@ class AttambaAttention(nn.Module):
         context = resolve_context(x, seq_idx, context)
         if context.split:
             raise ValueError("Attamba attention does not support context parallelism (cp > 1)")
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        cos, sin = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
-        q = apply_rope(q, cos, sin)
-        k, v = self.keys_values(x, context)
+        angles = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *angles)
+        k, v = self.keys_values(x, context, angles)
         out = chunk_boundary_attention(
             q,
             k,
