@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.attention.boundary import BoundarySlots, boundary_slots, check_inputs, gather_slots
-from kernels.attention.flex import _flex_functions
+from kernels.attention.flex import flex_over_keys
 from kernels.attention.ref import document_ids
 
 
@@ -63,20 +63,10 @@ def boundary_attention_flex(
         statistics, not upcast like the blocked path).
     """
     check_inputs(q, k, v, doc_pos)
-    b, T, H, K = q.shape
+    b, T, _, K = q.shape
     slots = boundary_slots(doc_pos, seq_idx, chunk=chunk, offset=offset, leading=leading)
     doc = document_ids(seq_idx, b, T, q.device)
     keys = torch.cat([k, gather_slots(k, slots)], dim=1)
     values = torch.cat([v, gather_slots(v, slots)], dim=1)
-    create_block_mask, flex_attention = _flex_functions(q.device)
     mask_mod = boundary_mask_mod(slots, doc, leading)
-    block_mask = create_block_mask(mask_mod, b, None, T, keys.shape[1], device=q.device)
-    out = flex_attention(
-        q.transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        block_mask=block_mask,
-        scale=K**-0.5 if scale is None else scale,
-        enable_gqa=k.shape[2] != H,
-    )
-    return out.transpose(1, 2).to(q.dtype)
+    return flex_over_keys(q, keys, values, mask_mod, K**-0.5 if scale is None else scale)

@@ -128,7 +128,7 @@ def sparse_global_attention_flex(
         (FlexAttention's own accumulation), not upcast to fp32 like the blocked CPU path.
     """
     _check_inputs(q, k, v, window, n_global)
-    b, T, H, K = q.shape
+    b, T, _, K = q.shape
     scale = K**-0.5 if scale is None else scale
     doc = document_ids(seq_idx, b, T, q.device)
     keys, values = k, v
@@ -140,8 +140,16 @@ def sparse_global_attention_flex(
         values = torch.cat([v, summaries.v.to(v.dtype)], dim=1)
     else:
         summaries = None
+    return flex_over_keys(q, keys, values, sga_mask_mod(summaries, doc, window, n_global), scale)
+
+
+def flex_over_keys(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_mod: Callable, scale: float
+) -> torch.Tensor:
+    """FlexAttention of q [b, T, H, K] over keys/values [b, T', Hkv, K] (the row's tokens and
+    whatever the op appends to them) under ``mask_mod`` -> [b, T, H, K] in q's dtype."""
+    b, T, H, _ = q.shape
     create_block_mask, flex_attention = _flex_functions(q.device)
-    mask_mod = sga_mask_mod(summaries, doc, window, n_global)
     block_mask = create_block_mask(mask_mod, b, None, T, keys.shape[1], device=q.device)
     out = flex_attention(
         q.transpose(1, 2),
@@ -149,6 +157,6 @@ def sparse_global_attention_flex(
         values.transpose(1, 2),
         block_mask=block_mask,
         scale=scale,
-        enable_gqa=k.shape[2] != H,
+        enable_gqa=keys.shape[2] != H,
     )
     return out.transpose(1, 2).to(q.dtype)
