@@ -35,6 +35,7 @@ CACHE_CONTEXTS = (8192, 65536)
 
 def run_params(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.flops import count_flops
     from pretrain.models import build_model
     from pretrain.models.cache import inference_cache_bytes
     from pretrain.models.params import count_parameters
@@ -47,6 +48,13 @@ def run_params(args: argparse.Namespace) -> int:
     contexts = sorted({cfg.train.seq_len, *CACHE_CONTEXTS})
     caches = {length: inference_cache_bytes(model, length) for length in contexts}
     account["inference_cache"] = {str(length): cache for length, cache in caches.items()}
+    flops = count_flops(model, cfg.train.seq_len)
+    account["flops_per_token"] = {
+        "seq_len": cfg.train.seq_len,
+        "forward": flops.forward_per_token,
+        "train": flops.train_per_token,
+        "components": flops.components,
+    }
     if args.json:
         print(json.dumps(account))
         return 0
@@ -63,6 +71,10 @@ def run_params(args: argparse.Namespace) -> int:
         p.numel() for n, p in model.named_parameters() if param_group_name(n, p) == "pkm_values"
     )
     print(_per_rank_line(cfg, total, tables))
+    print(
+        f"FLOPs per token at {cfg.train.seq_len} tokens: forward {flops.forward_per_token / 1e6:,.2f}M,"
+        f" training {flops.train_per_token / 1e6:,.2f}M (3x forward)"
+    )
     for length, cache in caches.items():
         print(_cache_line(length, cache["total"]))
     return 0

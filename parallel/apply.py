@@ -38,6 +38,7 @@ def apply_fsdp2(
     reshard_after_forward: bool,
     mixed_precision: bool,
     device_type: str,
+    blocks: Sequence[nn.Module] | None = None,
 ) -> None:
     """FSDP2 ``fully_shard``: each EP rank's experts over the expert-sharding mesh, then every
     block and the root over the FSDP mesh (HSDP when ``dp_replicate > 1``), except the
@@ -52,6 +53,10 @@ def apply_fsdp2(
         reshard_after_forward: free gathered parameters after forward (ZeRO-3 style).
         mixed_precision: bf16 parameters and compute with fp32 gradient reduction (CUDA only).
         device_type: ``cpu`` or ``cuda``.
+        blocks: the modules sharded as their own units (default: every block); parameters of
+            any other module belong to the root's unit, which FSDP2 gathers once per forward
+            and keeps until backward ends (a block looped over depth goes there, so that it is
+            not gathered once per iteration).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -75,7 +80,7 @@ def apply_fsdp2(
                 shard_placement_fn=lambda param, dim=dim: Shard(dim),
                 **kwargs,
             )
-    for block in model.blocks.values():
+    for block in model.blocks.values() if blocks is None else blocks:
         fully_shard(block, mesh=mesh.fsdp, **kwargs)
     fully_shard(model, mesh=mesh.fsdp, **kwargs)
 

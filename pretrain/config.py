@@ -232,6 +232,7 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
             )
         if stage.mixture and sum(stage.mixture.values()) <= 0:
             problems.append(f"{key}.mixture: weights must not all be 0")
+        problems += _stage_recurrence_problems(cfg.model, stage.recurrence, key)
     if cfg.parallel.backend == "deepspeed" and cfg.train.compile:
         problems.append("train.compile: not supported with parallel.backend=deepspeed")
     problems += parallel_layout_problems(cfg, world_size=None)[0]
@@ -256,7 +257,32 @@ def parallel_layout_problems(
     # the PKM split's size is only known for a possible layout
     known = sizes if not problems and world_size is not None else None
     problems += context_parallel_problems(cfg, sizes["cp"])
+    problems += expert_parallel_problems(cfg, sizes["ep"])
     return problems + pkm_shard_problems(cfg, known), sizes
+
+
+def _stage_recurrence_problems(model: ModelConfig, recurrence: int | None, key: str) -> list[str]:
+    """A stage's ``recurrence`` needs a model that loops a block, and fits its depth embedding."""
+    if recurrence is None:
+        return []
+    if get_family(model.family).build_stack is None:  # a layered stack
+        return [f"{key}.recurrence: model.family={model.family} loops no block over depth"]
+    if recurrence > model.dreamer.max_recurrence:
+        return [
+            f"{key}.recurrence: {recurrence} exceeds model.dreamer.max_recurrence="
+            f"{model.dreamer.max_recurrence}"
+        ]
+    return []
+
+
+def expert_parallel_problems(cfg: RunConfig, ep: int) -> list[str]:
+    """A family whose MoE layers cannot be split over expert-parallel ranks."""
+    if ep > 1 and not get_family(cfg.model.family).supports_expert_parallel:
+        return [
+            f"parallel.ep={ep}: model.family={cfg.model.family} does not support expert"
+            " parallelism; set parallel.ep=1"
+        ]
+    return []
 
 
 def pkm_shard_problems(cfg: RunConfig, sizes: dict[str, int] | None) -> list[str]:

@@ -1,9 +1,10 @@
 """The staged curriculum: a list of stages in the config, applied to the model step by step.
 
 A stage says how long it lasts (steps or tokens), which block paths are on, its sequence length,
-LR factor, data mixture, which parameters are frozen (fnmatch patterns on parameter names) and
-over how many steps the paths it switches on ramp in (their output is scaled 0 -> 1). The stage
-of any step is a pure function of the config, so resuming mid-stage is exact.
+LR factor, data mixture, which parameters are frozen (fnmatch patterns on parameter names), over
+how many steps the paths it switches on ramp in (their output is scaled 0 -> 1) and, for a model
+that loops a block over depth (Dreamer), how many times it loops in training. The stage of any
+step is a pure function of the config, so resuming mid-stage is exact.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class StageConfig:
     )  # source name -> weight (empty: as data)
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of frozen parameter names
     gate_ramp_steps: int = 0  # paths switched on by this stage ramp in over this many steps
+    recurrence: int | None = None  # looped models: depth iterations in training (None: model's)
 
     def __post_init__(self) -> None:
         key = f"curriculum.stages[{self.name}]"
@@ -40,7 +42,7 @@ class StageConfig:
             raise ConfigError(f"{key}.components: unknown {unknown}; allowed: {list(PATH_NAMES)}")
         if self.steps is not None and self.tokens is not None:
             raise ConfigError(f"{key}: give steps or tokens, not both")
-        for name in ("steps", "tokens", "seq_len"):
+        for name in ("steps", "tokens", "seq_len", "recurrence"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}.{name}: must be >= 1")
@@ -113,9 +115,11 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 
 def apply_stage(model: nn.Module, stages: list[Stage], step: int) -> Stage:
-    """Switch paths, freezing and gate ramps of ``model`` to what step ``step`` needs."""
+    """Switch paths, freezing, gate ramps and the stack's per-step settings (the recurrence) of
+    ``model`` to what step ``step`` needs."""
     stage = stage_at(stages, step)
     model.set_active_paths(stage.cfg.components)
+    model.set_step(step, stage.cfg.recurrence)
     previous = set(stages[stage.index - 1].cfg.components) if stage.index > 0 else set()
     ramp_steps = stage.cfg.gate_ramp_steps
     ramp = min(1.0, (step - stage.start + 1) / ramp_steps) if ramp_steps else 1.0

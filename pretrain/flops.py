@@ -27,14 +27,17 @@ def path_flops_per_token(module: nn.Module, seq_len: int) -> float:
 def component_flops_per_token(model: CausalLM, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token of each component of ``model`` at sequence length ``seq_len``.
 
-    Components are the block paths (keyed by path name, active ones only) plus the head.
+    Components are the block paths (keyed by path name, active ones only) plus the head; a block
+    that the stack runs several times per forward (a looped block) counts once per run.
     """
     cfg = model.cfg
     out: dict[str, float] = {}
-    for block in model.blocks.values():
+    runs = model.stack.runs_per_forward()
+    for block_name, block in model.blocks.items():
         for name, m in block.paths.items():
             if block.active.get(name, True):
-                out[name] = out.get(name, 0.0) + path_flops_per_token(m, seq_len)
+                flops = runs[block_name] * path_flops_per_token(m, seq_len)
+                out[name] = out.get(name, 0.0) + flops
     out["head"] = float(2 * cfg.vocab_size * cfg.d_model)
     return out
 

@@ -23,7 +23,8 @@ def pkm_layers(model: nn.Module) -> list[ProductKeyMemory]:
 
 
 def component_metrics(model: nn.Module) -> dict[str, float]:
-    """Per-expert load (fraction of tokens, per MoE layer, over every routing rank), tokens per
+    """Per-expert load (fraction of tokens, per MoE layer, over every routing rank; per depth for
+    a looped layer), the diversity of the chosen expert sets, tokens per
     EP rank, PKM usage (over the logging window and every rank) and lookup time (forward and
     backward of the last step; ``step_shares`` turns it into a share of the step), gate values.
 
@@ -37,6 +38,7 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
                 out[f"moe/L{layer}/expert{e}"] = frac
             out[f"moe/L{layer}/max_over_mean"] = float(load.max() / load.mean())
             out.update(_tokens_per_ep_rank(layer, moe))
+        out.update({f"moe/L{layer}/{k}": v for k, v in moe.selection_metrics().items()})
     for name, m in model.named_modules():
         if isinstance(m, ProductKeyMemory):
             layer = name.split(".")[1]

@@ -29,12 +29,15 @@ def inference_cache_bytes(
         bytes_per_elem: size of a cached activation element (2: bf16); fp32 states stay 4.
 
     Returns:
-        Path name -> bytes summed over blocks (every path kind of the model, 0 for stateless
+        Path name -> bytes summed over block runs (every path kind of the model, 0 for stateless
         ones), plus "total".
     """
     out: dict[str, int] = {}
-    for block in model.blocks.values():
+    runs = model.stack.runs_per_forward()
+    for block_name, block in model.blocks.items():
         for name, module in block.paths.items():
-            out[name] = out.get(name, 0) + path_cache_bytes(module, context_len, bytes_per_elem)
+            # a looped block keeps one state per run (each depth has its own keys and values)
+            state = path_cache_bytes(module, context_len, bytes_per_elem)
+            out[name] = out.get(name, 0) + round(runs[block_name] * state)
     out["total"] = sum(out.values())
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pretrain.config_errors import ConfigError
 from pretrain.models.attamba.config import AttambaConfig
+from pretrain.models.dreamer.config import DreamerConfig
 from pretrain.models.registry import FAMILY_NAMES, get_family, uses_component
 
 MODEL_FAMILIES = FAMILY_NAMES  # the registry's names (kept for importers of the old list)
@@ -157,7 +158,7 @@ class PKMConfig:
 class ModelConfig:
     """A whole model: family, sizes and one section per component."""
 
-    family: str = "hydra"  # hydra | transformer | mamba2 | attamba
+    family: str = "hydra"  # hydra | transformer | mamba2 | attamba | dreamer
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
@@ -172,6 +173,7 @@ class ModelConfig:
     workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
     attamba: AttambaConfig = field(default_factory=AttambaConfig)
+    dreamer: DreamerConfig = field(default_factory=DreamerConfig)
 
     def __post_init__(self) -> None:
         _check(self.family in FAMILY_NAMES, "model.family", f"must be one of {list(FAMILY_NAMES)}")

@@ -1,8 +1,9 @@
-"""The causal language model shared by every family: embedding -> blocks -> norm -> head.
+"""The causal language model shared by every family: embedding -> stack -> norm -> head.
 
-Families differ only in the block they build (their ``ModelFamily.build_block``, found through
-``pretrain.models.registry``). Blocks sit in an
-``nn.ModuleDict`` keyed by index so that parameter names stay stable for sharded checkpoints.
+Families differ in the blocks they build and in how the stack runs them (their
+``ModelFamily.stack``, found through ``pretrain.models.registry``): n blocks once each, or one
+shared block looped over depth. Blocks sit in an ``nn.ModuleDict`` keyed by the stack's names
+so that parameter names stay stable for sharded checkpoints; each distinct block is there once.
 
 Shape legend: B batch, T time, D d_model, V vocab.
 """
@@ -31,8 +32,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        build_block = get_family(cfg.family).build_block
-        self.blocks = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
+        self.stack = get_family(cfg.family).stack(cfg)
+        self.blocks = nn.ModuleDict(self.stack.build_blocks())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -45,8 +46,9 @@ class CausalLM(nn.Module):
         """(Re)initialise every parameter; used after ``to_empty()`` when built on meta."""
         std = self.cfg.init_std
         nn.init.normal_(self.tok_embeddings.weight, std=std)
-        # Deeper stacks get smaller block weights so the residual stream does not grow with depth.
-        block_std = std / math.sqrt(2 * self.cfg.n_layers)
+        # Deeper stacks get smaller block weights so the residual stream does not grow with depth;
+        # depth counts block *runs* (a block looped R times adds R times to the residual).
+        block_std = std / math.sqrt(2 * sum(self.stack.runs_per_forward().values()))
         for block in self.blocks.values():
             block.init_weights(block_std)
         self.norm.init_weights(std)
@@ -63,6 +65,21 @@ class CausalLM(nn.Module):
             for name in block.active:
                 block.active[name] = name in active
 
+    def set_step(self, step: int, recurrence: int | None = None) -> None:
+        """Per-step stack settings (called by the curriculum): the stage's ``recurrence``."""
+        self.stack.set_step(step, recurrence)
+
+    def _run_block(
+        self, name: str, h: torch.Tensor, context: SequenceContext, **extra: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of block ``name`` (recomputed in backward under activation checkpointing)."""
+        block = self.blocks[name]
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # a recompute stopped early could skip a collective that ends the block
+            with set_checkpoint_early_stop(not context.split):
+                return checkpoint(block, h, None, context, use_reentrant=False, **extra)
+        return block(h, context=context, **extra)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -76,15 +93,7 @@ class CausalLM(nn.Module):
         """
         h = self.tok_embeddings(input_ids)
         context = resolve_context(h, seq_idx, context)
-        aux_loss = h.new_zeros((), dtype=torch.float32)
-        for block in self.blocks.values():
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                # a recompute stopped early could skip a collective that ends the block
-                with set_checkpoint_early_stop(not context.split):
-                    h, block_aux = checkpoint(block, h, None, context, use_reentrant=False)
-            else:
-                h, block_aux = block(h, context=context)
-            aux_loss = aux_loss + block_aux
+        h, aux_loss = self.stack.forward(self._run_block, h, context, self.training)
         if context.split:  # every collective of this forward is behind h now
             h = context.comm.tie(h)
         h = self.norm(h)

@@ -11,9 +11,10 @@ Order (each step sees the result of the previous one):
 6. FSDP2: the experts of each MoE layer on the expert-sharding mesh, then every block, then the
    root, on the FSDP mesh, leaving the split PKM tables out; or DDP around the model.
 
-Hydra, the Transformer and Mamba-2 share one layered stack (embedding -> blocks -> head), so they
-share ``parallelize_layered``; a family with another stack names its own in its ``ModelFamily``
-(``parallelize="module:function"``, resolved by ``pretrain.models.family.resolve_parallelize``).
+Hydra, the Transformer, Mamba-2 and Attamba share one layered stack (embedding -> blocks -> head),
+so they share ``parallelize_layered``; a family with another stack names its own in its
+``ModelFamily`` (``parallelize="module:function"``, resolved by
+``pretrain.models.family.resolve_parallelize``): Dreamer's is ``parallelize_dreamer``.
 """
 
 from __future__ import annotations
@@ -81,3 +82,49 @@ def parallelize_layered(
 
 Parallelize = Callable[[CausalLM, ParallelMesh, DistInfo, ParallelConfig, TrainConfig], nn.Module]
 parallelize_hydra: Parallelize = parallelize_layered
+
+
+def parallelize_dreamer(
+    model: CausalLM,
+    mesh: ParallelMesh,
+    info: DistInfo,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+) -> nn.Module:
+    """``parallelize_layered``'s order for a stack with one block looped over depth.
+
+    - FSDP2: the prelude and coda blocks are their own units; the shared layer stays in the
+      root's unit, which FSDP2 all-gathers once per forward (micro-batch) and keeps gathered
+      through the loop and the backward, then reduce-scatters once. Its own unit would be
+      all-gathered at each of the R iterations (and again in backward).
+    - Activation checkpointing recomputes each block call: every iteration of the loop apart.
+    - ``torch.compile`` compiles each prelude/coda block and the shared layer's fixed-shape
+      paths, once for every iteration (``DreamerLayer.compile``).
+    - Expert parallelism is refused by the config check (``supports_expert_parallel``); with
+      ``ep == 1`` this installs the expert attention's routing-statistics reducer, so that its
+      balancing bias moves alike on every rank.
+    """
+    from pretrain.models.dreamer.stack import CORE
+
+    apply_expert_parallel([m for m in model.modules() if isinstance(m, ChunkMoE)], mesh)
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if train.compile:
+        apply_compile(model)
+    if parallel.backend == "fsdp2" and mesh.mesh is not None:
+        outer = [block for name, block in model.blocks.items() if name != CORE]
+        apply_fsdp2(
+            model,
+            mesh,
+            [],
+            ignored_params=set(),
+            reshard_after_forward=parallel.reshard_after_forward,
+            mixed_precision=parallel.mixed_precision,
+            device_type=info.device.type,
+            blocks=outer,
+        )
+        logger.info("FSDP2 on %s; the shared layer is gathered once per step", mesh.dims.describe())
+        return model
+    if parallel.backend == "ddp" and info.distributed:
+        return wrap_ddp(model, info)
+    return model

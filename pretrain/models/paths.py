@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-PATH_NAMES = ("ssm", "attention", "ffn", "moe", "workspace", "pkm")
+PATH_NAMES = ("ssm", "attention", "ffn", "moe", "workspace", "pkm", "depth")

@@ -21,7 +21,7 @@ from pretrain.models.family import ModelFamily
 if TYPE_CHECKING:
     from pretrain.models.config import ModelConfig
 
-FAMILY_NAMES = ("hydra", "transformer", "mamba2", "attamba")
+FAMILY_NAMES = ("hydra", "transformer", "mamba2", "attamba", "dreamer")
 
 
 def get_family(name: str) -> ModelFamily:

@@ -18,9 +18,17 @@ CPU_CONFIGS = [
     "mamba2-29m.yaml",
     "attamba-tiny.yaml",
     "attamba-29m.yaml",
+    "dreamer-tiny.yaml",
+    "dreamer-29m.yaml",
 ]
 # One small config per family: the family-generic tests (packing, gradients, bf16) run on these.
-FAMILY_CONFIGS = ["hydra-tiny.yaml", "transformer-29m.yaml", "mamba2-29m.yaml", "attamba-tiny.yaml"]
+FAMILY_CONFIGS = [
+    "hydra-tiny.yaml",
+    "transformer-29m.yaml",
+    "mamba2-29m.yaml",
+    "attamba-tiny.yaml",
+    "dreamer-tiny.yaml",
+]
 # Overrides that shrink a family config where a test only needs its structure, not its size.
 SHRINK = {"transformer-29m.yaml": ("model.n_layers=2",), "mamba2-29m.yaml": ("model.n_layers=2",)}
 

@@ -19,18 +19,30 @@ from tests.pretrain.model_helpers import CONFIG_DIR
 
 
 def _small(family: str) -> ModelConfig:
-    return ModelConfig(family=family, d_model=32, n_layers=2, d_ff=64, max_seq_len=64)
+    cfg = ModelConfig(family=family, d_model=32, n_layers=2, d_ff=64, max_seq_len=64)
+    if family == "dreamer":  # prelude + shared layer + coda; expert attention routes tokens
+        cfg.n_layers = 3
+        cfg.moe.routing, cfg.moe.score_func = "token", "sigmoid"
+    return cfg
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_every_family_resolves_and_builds_a_block(name: str) -> None:
+def test_every_family_resolves_and_builds_its_stack(name: str) -> None:
     family = get_family(name)
     assert isinstance(family, ModelFamily) and family.name == name
     cfg = _small(name)
     assert family.config_problems(cfg) == []
-    block = family.build_block(cfg, 0)
-    assert isinstance(block, GatedPathBlock)
-    assert set(block.paths) <= family.components(cfg) <= set(PATH_NAMES)
+    stack = family.stack(cfg)
+    blocks = stack.build_blocks()
+    assert set(stack.runs_per_forward()) == set(blocks)
+    assert all(isinstance(block, GatedPathBlock) for block in blocks.values())
+    built = {path for block in blocks.values() for path in block.paths}
+    assert built <= family.components(cfg) <= set(PATH_NAMES)
+
+
+def test_a_family_declares_one_way_to_build_its_stack() -> None:
+    with pytest.raises(TypeError, match="exactly one of build_block, build_stack"):
+        dataclasses.replace(get_family("dreamer"), build_block=lambda cfg, layer: None)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -58,7 +70,12 @@ SHIPPED = [
     "hydra-1.6b-64k.yaml",
     "hydra-1.6b-pkm1m.yaml",
     "transformer-29m.yaml",
+    "transformer-29m-flops.yaml",
+    "transformer-29m-mem.yaml",
     "mamba2-29m.yaml",
+    "attamba-tiny.yaml",
+    "dreamer-tiny.yaml",
+    "dreamer-29m.yaml",
 ]
 
 

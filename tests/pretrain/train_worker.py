@@ -97,6 +97,26 @@ def dump_table_shapes(trainer, path: Path) -> None:  # noqa: ANN001
         path.write_text(json.dumps(shapes))
 
 
+def count_fsdp_gathers(path: Path, is_main: bool) -> None:
+    """Count, per parameter name, how often FSDP2 all-gathers it; rank 0 writes the counts to
+    ``path`` at exit (the Dreamer test checks its shared layer is gathered once per step)."""
+    import atexit
+    from collections import Counter
+
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+    counts: Counter[str] = Counter()
+    original = param_group.foreach_all_gather
+
+    def counting(fsdp_params, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        counts.update(p._param_fqn for p in fsdp_params)
+        return original(fsdp_params, *args, **kwargs)
+
+    param_group.foreach_all_gather = counting
+    if is_main:
+        atexit.register(lambda: path.write_text(json.dumps(counts)))
+
+
 def skip_deepspeed_shm_build() -> None:
     """DeepSpeed JIT-compiles a C++ shared-memory all-reduce for CPU ranks the first time a
     machine (or a new venv) starts it: about a minute on 2 cores, in every fresh CI run. These
@@ -113,6 +133,8 @@ def main(argv: list[str]) -> int:
     if cfg.parallel.backend == "deepspeed":
         skip_deepspeed_shm_build()
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    if os.environ.get("HYDRA_TEST_COUNT_GATHERS"):
+        count_fsdp_gathers(Path(cfg.run.dir) / "gathers.json", info.is_main)
     try:
         trainer = build_trainer(cfg, info, tracker_factory=make_tracker)
         if int(stop_at) > 0:

@@ -12,6 +12,8 @@ Shape legend: B batch, T time, D d_model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -73,9 +75,9 @@ class GatedPathBlock(nn.Module):
                 nn.init.constant_(self.gates[name], self.gate_init)
 
     def _run_path(
-        self, name: str, x: torch.Tensor, context: SequenceContext
+        self, name: str, x: torch.Tensor, context: SequenceContext, **extra: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.paths[name](self.norms[name](x), context=context)
+        out = self.paths[name](self.norms[name](x), context=context, **extra)
         aux = None
         if isinstance(out, tuple):  # MoE returns (y, aux_loss)
             out, aux = out
@@ -90,15 +92,21 @@ class GatedPathBlock(nn.Module):
         x: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
         context: SequenceContext | None = None,
+        path_kwargs: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> (x' [B, T, D], aux_loss scalar); ``context`` replaces ``seq_idx``."""
+        """x [B, T, D] -> (x' [B, T, D], aux_loss scalar); ``context`` replaces ``seq_idx``.
+
+        ``path_kwargs`` maps a path name to extra keyword arguments of its module (a looped
+        layer passes the depth to the paths that use it).
+        """
         context = resolve_context(x, seq_idx, context)
+        path_kwargs = path_kwargs or {}
         aux_loss = x.new_zeros((), dtype=torch.float32)
         update = None
         for name in self.parallel:
             if not self.active[name]:
                 continue
-            out, aux = self._run_path(name, x, context)
+            out, aux = self._run_path(name, x, context, **path_kwargs.get(name, {}))
             update = out if update is None else update + out
             if aux is not None:
                 aux_loss = aux_loss + aux
@@ -107,7 +115,7 @@ class GatedPathBlock(nn.Module):
         for name in self.sequential:
             if not self.active[name]:
                 continue
-            out, aux = self._run_path(name, x, context)
+            out, aux = self._run_path(name, x, context, **path_kwargs.get(name, {}))
             x = x + out
             if aux is not None:
                 aux_loss = aux_loss + aux

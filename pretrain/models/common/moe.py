@@ -42,6 +42,7 @@ from torch import nn
 
 from kernels.moe.op import swiglu_experts
 from kernels.moe.ref import sorted_moe
+from pretrain.models.common.selection import max_set_entropy_bits, set_entropy_bits
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import MoEConfig
 
@@ -160,6 +161,8 @@ class ChunkMoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(n_exp), persistent=False)
         # the load of the last optimizer step, summed over every routing rank (for metrics)
         self.register_buffer("step_load", torch.zeros(n_exp), persistent=False)
+        # the [N, k] experts of the last training forward (selection-diversity metrics)
+        self.last_selection: torch.Tensor | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -179,6 +182,7 @@ class ChunkMoE(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        **route_kw: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route each unit on its first token, then run its tokens through the chosen experts.
 
@@ -187,6 +191,8 @@ class ChunkMoE(nn.Module):
             seq_idx: optional [B, T] int64 document index of each token (packed rows).
             context: the sequence context (replaces ``seq_idx``; places a context-parallel
                 slice in its rows).
+            route_kw: what a subclass's ``router_logits`` and ``_record_load`` need besides
+                the hidden states (Dreamer's expert attention: the depth); none here.
 
         Returns:
             y: [B, T, D] in ``x.dtype``.
@@ -194,7 +200,7 @@ class ChunkMoE(nn.Module):
                 both coefficients are 0). See ``aux_loss``.
         """
         batch, seq_len, d_model = x.shape
-        routing = self.route(x, context=resolve_context(x, seq_idx, context))
+        routing = self.route(x, context=resolve_context(x, seq_idx, context), **route_kw)
         tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
         tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
         ex = self.experts
@@ -206,7 +212,7 @@ class ChunkMoE(nn.Module):
             self._dispatched_experts,
         )
         if self.training and not _in_backward():
-            self._record_load(tok_expert)
+            self._record_load(tok_expert, **route_kw)
         return y.reshape(batch, seq_len, d_model).to(x.dtype), self.aux_loss(routing)
 
     def _dispatched_experts(
@@ -230,6 +236,7 @@ class ChunkMoE(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        **route_kw: Any,
     ) -> MoERouting:
         """Routing decision of every unit, from the hidden state of its first token.
 
@@ -237,6 +244,7 @@ class ChunkMoE(nn.Module):
             x: [B, T, D] hidden states.
             seq_idx: optional [B, T] document index of each token.
             context: the sequence context (replaces ``seq_idx``).
+            route_kw: passed to ``router_logits``.
 
         Returns:
             The ``MoERouting`` (units numbered in row-major token order).
@@ -266,7 +274,7 @@ class ChunkMoE(nn.Module):
         # fp32 at least (fp64 in fp64 tests): routing decisions must not flip under bf16
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x_units.to(dtype), self.router.weight.to(dtype))  # [U, E]
+            logits = self.router_logits(x_units.to(dtype), **route_kw)  # [U, E]
         if self.cfg.score_func == "softmax":
             scores = logits.softmax(dim=-1)
             probs = scores
@@ -278,6 +286,10 @@ class ChunkMoE(nn.Module):
         chosen = scores.gather(-1, expert_idx)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
         return MoERouting(unit_of_token, expert_idx, weights, logits, probs, owned)
+
+    def router_logits(self, x_units: torch.Tensor) -> torch.Tensor:
+        """[U, D] first-token states (router dtype, autocast off) -> [U, E] router logits."""
+        return F.linear(x_units, self.router.weight.to(x_units.dtype))
 
     def _earlier_first_tokens(
         self, x: torch.Tensor, starts: torch.Tensor, context: SequenceContext
@@ -360,9 +372,12 @@ class ChunkMoE(nn.Module):
         return loss
 
     @torch.no_grad()
-    def _record_load(self, tok_expert: torch.Tensor) -> None:
+    def _record_load(self, tok_expert: torch.Tensor) -> torch.Tensor:
+        """Count this forward's [N, k] choices into the step's load; returns the [E] counts."""
         counts = torch.bincount(tok_expert.reshape(-1), minlength=self.cfg.n_experts)
         self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
+        self.last_selection = tok_expert.detach()
+        return counts
 
     @torch.no_grad()
     def after_optimizer_step(self, stepped: bool) -> None:
@@ -394,10 +409,18 @@ class ChunkMoE(nn.Module):
     def active_params(self) -> int:
         """Parameters one token's forward touches: the router and top_k / E of the experts."""
         total = sum(p.numel() for p in self.parameters())
-        expert_params = sum(
-            p.numel() for name, p in self.named_parameters() if not name.startswith("router")
-        )
+        expert_params = sum(p.numel() for p in self.experts.parameters())
         return total - expert_params + expert_params * self.cfg.top_k // self.cfg.n_experts
+
+    def selection_metrics(self) -> dict[str, float]:
+        """Diversity of the last training forward's choices: entropy (bits) of the k-expert
+        sets over its tokens, and its maximum log2 C(E, k) (``pretrain.models.common.selection``)."""
+        if self.last_selection is None:
+            return {}
+        return {
+            "set_entropy_bits": set_entropy_bits(self.last_selection, self.cfg.n_experts),
+            "set_entropy_max_bits": max_set_entropy_bits(self.cfg.n_experts, self.cfg.top_k),
+        }
 
     def expert_load(self) -> torch.Tensor:
         """[E] fraction of the (token, slot) assignments per expert in the last optimizer step,
