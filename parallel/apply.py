@@ -39,6 +39,7 @@ def apply_fsdp2(
     mixed_precision: bool,
     device_type: str,
     blocks: Sequence[nn.Module] | None = None,
+    keep_root_gathered: bool = False,
 ) -> None:
     """FSDP2 ``fully_shard``: each EP rank's experts over the expert-sharding mesh, then every
     block and the root over the FSDP mesh (HSDP when ``dp_replicate > 1``), except the
@@ -54,9 +55,10 @@ def apply_fsdp2(
         mixed_precision: bf16 parameters and compute with fp32 gradient reduction (CUDA only).
         device_type: ``cpu`` or ``cuda``.
         blocks: the modules sharded as their own units (default: every block); parameters of
-            any other module belong to the root's unit, which FSDP2 gathers once per forward
-            and keeps until backward ends (a block looped over depth goes there, so that it is
-            not gathered once per iteration).
+            any other module belong to the root's unit.
+        keep_root_gathered: the root's unit is gathered once per forward and kept until its
+            backward ends (``reshard_after_forward=False`` for the root only): a block looped
+            over depth is left in it so that it is not gathered once per iteration.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -82,6 +84,8 @@ def apply_fsdp2(
             )
     for block in model.blocks.values() if blocks is None else blocks:
         fully_shard(block, mesh=mesh.fsdp, **kwargs)
+    if keep_root_gathered:
+        kwargs["reshard_after_forward"] = False
     fully_shard(model, mesh=mesh.fsdp, **kwargs)
 
 

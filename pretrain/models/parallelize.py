@@ -94,9 +94,11 @@ def parallelize_dreamer(
     """``parallelize_layered``'s order for a stack with one block looped over depth.
 
     - FSDP2: the prelude and coda blocks are their own units; the shared layer stays in the
-      root's unit, which FSDP2 all-gathers once per forward (micro-batch) and keeps gathered
-      through the loop and the backward, then reduce-scatters once. Its own unit would be
-      all-gathered at each of the R iterations (and again in backward).
+      root's unit, which is all-gathered once per forward (micro-batch) and kept gathered
+      through the loop and the backward (the root alone does not reshard after forward), then
+      reduce-scattered once. As its own unit it would be all-gathered at each of the R
+      iterations and again in backward. Memory: the shared layer's parameters stay whole for
+      the step, which is one block's worth.
     - Activation checkpointing recomputes each block call: every iteration of the loop apart.
     - ``torch.compile`` compiles each prelude/coda block and the shared layer's fixed-shape
       paths, once for every iteration (``DreamerLayer.compile``).
@@ -122,6 +124,7 @@ def parallelize_dreamer(
             mixed_precision=parallel.mixed_precision,
             device_type=info.device.type,
             blocks=outer,
+            keep_root_gathered=True,
         )
         logger.info("FSDP2 on %s; the shared layer is gathered once per step", mesh.dims.describe())
         return model

@@ -18,7 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.pretrain.trainer_helpers import ATTAMBA_TINY, logged_rows, losses, run_training
+from tests.pretrain.trainer_helpers import (
+    ATTAMBA_TINY,
+    DREAMER_FAST,
+    DREAMER_TINY,
+    logged_rows,
+    losses,
+    run_training,
+)
 
 # The MoE's balance loss, z-loss and bias update use statistics summed over every routing rank
 # (``ChunkMoE.reducer``, installed by every backend), so they stay on: they are the same
@@ -137,6 +144,27 @@ def test_attamba_on_two_ranks_matches_one_process(
         tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP, config=ATTAMBA_TINY
     )
     _assert_same_training(attamba_single_process, tmp_path)
+
+
+def test_dreamer_on_two_fsdp2_ranks_matches_one_process_gathering_its_shared_layer_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Dreamer's shared layer (looped 3 times) stays in FSDP2's root unit: its parameters are
+    all-gathered once per step (6 steps: 6 times), not once per iteration, while the prelude
+    and coda blocks are gathered for forward and again for backward."""
+    single = tmp_path_factory.mktemp("dreamer_single")
+    run_training(single, *DREAMER_FAST, *GLOBAL_BATCH_1, env=DUMP, config=DREAMER_TINY)
+    two = tmp_path_factory.mktemp("dreamer_fsdp2")
+    env = {**DUMP, "HYDRA_TEST_COUNT_GATHERS": "1"}
+    run_training(two, *DREAMER_FAST, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=env, config=DREAMER_TINY)
+    _assert_same_training(single, two)
+    gathers = json.loads((two / "gathers.json").read_text())
+    core = {name: n for name, n in gathers.items() if name.startswith("blocks.core.")}
+    prelude = {name: n for name, n in gathers.items() if name.startswith("blocks.prelude0.")}
+    assert core and set(core.values()) == {6}, core
+    assert prelude and min(prelude.values()) >= 2 * 6, prelude  # the counter sees every gather
+    logged = [row for row in logged_rows(two) if "moe/Lcore/distinct_experts_per_token" in row]
+    assert logged and all("moe/Lcore/depth2/expert0" in row for row in logged)
 
 
 def test_two_rank_fsdp2_resume_is_exact(

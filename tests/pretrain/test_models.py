@@ -30,6 +30,8 @@ SHORT = {
     "mamba2-29m.yaml": ("model.ssm.chunk_size=16",),
     "attamba-tiny.yaml": (),
     "attamba-29m.yaml": ("model.ssm.chunk_size=16", "model.attamba.leading_tokens=8"),
+    "dreamer-tiny.yaml": (),
+    "dreamer-29m.yaml": (),
 }
 LENGTH = {"hydra-tiny.yaml": 96}
 

@@ -14,6 +14,9 @@ from tests.pretrain.model_helpers import CONFIG_DIR
 WORKER = Path(__file__).with_name("train_worker.py")
 TINY = str(CONFIG_DIR / "hydra-tiny.yaml")
 ATTAMBA_TINY = str(CONFIG_DIR / "attamba-tiny.yaml")
+DREAMER_TINY = str(CONFIG_DIR / "dreamer-tiny.yaml")
+# FAST's model.n_layers=2 does not fit Dreamer (prelude + shared layer + coda): put it back
+DREAMER_FAST = ("model.n_layers=3",)
 # A fast variant of the tiny config: 2 blocks with every component, short rows, 6 steps.
 FAST = [
     "model.n_layers=2",
