@@ -26,7 +26,8 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
     """Per-expert load (fraction of tokens, per MoE layer, over every routing rank; per depth for
     a looped layer), the diversity of the chosen expert sets, tokens per
     EP rank, PKM usage (over the logging window and every rank) and lookup time (forward and
-    backward of the last step; ``step_shares`` turns it into a share of the step), gate values.
+    backward of the last step; ``step_shares`` turns it into a share of the step), gate values,
+    and a looped stack's training recurrence.
 
     Call after the components' after-optimizer-step hooks (which sum the MoE load over ranks).
     """
@@ -45,6 +46,9 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
             out[f"pkm/L{layer}/key_usage"] = float(m.key_usage())
             out[f"pkm/L{layer}/lookup_time_s"] = m.lookup_timer.last_step_s()
             m.reset_usage()
+    recurrence = getattr(getattr(model, "stack", None), "train_recurrence", None)
+    if recurrence is not None:  # a looped stack: the depth this step trained at
+        out["recurrence"] = float(recurrence)
     for bname, block in model.blocks.items():
         for path, gate in block.gates.items():
             value = gate.full_tensor() if hasattr(gate, "full_tensor") else gate

@@ -146,25 +146,48 @@ def test_attamba_on_two_ranks_matches_one_process(
     _assert_same_training(attamba_single_process, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def dreamer_single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dreamer_single")
+    run_training(run_dir, *DREAMER_FAST, *GLOBAL_BATCH_1, env=DUMP, config=DREAMER_TINY)
+    return run_dir
+
+
 def test_dreamer_on_two_fsdp2_ranks_matches_one_process_gathering_its_shared_layer_once(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path, dreamer_single_process: Path
 ) -> None:
     """Dreamer's shared layer (looped 3 times) stays in FSDP2's root unit: its parameters are
     all-gathered once per step (6 steps: 6 times), not once per iteration, while the prelude
     and coda blocks are gathered for forward and again for backward."""
-    single = tmp_path_factory.mktemp("dreamer_single")
-    run_training(single, *DREAMER_FAST, *GLOBAL_BATCH_1, env=DUMP, config=DREAMER_TINY)
-    two = tmp_path_factory.mktemp("dreamer_fsdp2")
     env = {**DUMP, "HYDRA_TEST_COUNT_GATHERS": "1"}
-    run_training(two, *DREAMER_FAST, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=env, config=DREAMER_TINY)
-    _assert_same_training(single, two)
-    gathers = json.loads((two / "gathers.json").read_text())
+    run_training(
+        tmp_path, *DREAMER_FAST, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=env, config=DREAMER_TINY
+    )
+    _assert_same_training(dreamer_single_process, tmp_path)
+    gathers = json.loads((tmp_path / "gathers.json").read_text())
     core = {name: n for name, n in gathers.items() if name.startswith("blocks.core.")}
     prelude = {name: n for name, n in gathers.items() if name.startswith("blocks.prelude0.")}
     assert core and set(core.values()) == {6}, core
     assert prelude and min(prelude.values()) >= 2 * 6, prelude  # the counter sees every gather
-    logged = [row for row in logged_rows(two) if "moe/Lcore/distinct_experts_per_token" in row]
+    logged = [row for row in logged_rows(tmp_path) if "moe/Lcore/distinct_experts_per_token" in row]
     assert logged and all("moe/Lcore/depth2/expert0" in row for row in logged)
+    assert all(row["recurrence"] == 3 for row in logged)
+
+
+def test_dreamer_on_two_ddp_ranks_matches_one_process(
+    tmp_path: Path, dreamer_single_process: Path
+) -> None:
+    """DDP with the shared layer used 3 times per forward (one gradient per parameter)."""
+    run_training(
+        tmp_path,
+        *DREAMER_FAST,
+        *GLOBAL_BATCH_2,
+        "parallel.backend=ddp",
+        nproc=2,
+        env=DUMP,
+        config=DREAMER_TINY,
+    )
+    _assert_same_training(dreamer_single_process, tmp_path)
 
 
 def test_two_rank_fsdp2_resume_is_exact(

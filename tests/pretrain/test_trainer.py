@@ -14,6 +14,8 @@ import torch
 
 from tests.pretrain.trainer_helpers import (
     ATTAMBA_TINY,
+    DREAMER_FAST,
+    DREAMER_TINY,
     FAST,
     TINY,
     WORKER,
@@ -39,6 +41,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(
     run_training(tmp_path / "split", config=config)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bitwise, not approx
     assert len(losses(tmp_path / "full")) == 6
+
+
+# A depth drawn per step in [1, 3] after a 2-step stage at depth 1, over 2 micro-batches
+DREAMER_RUN = (
+    *DREAMER_FAST,
+    "model.dreamer.train_recurrence=[1,3]",
+    "curriculum.stages=[{name: shallow, steps: 2, recurrence: 1}, {name: drawn}]",
+    "train.grad_accum=2",
+)
+
+
+def test_dreamer_resume_with_a_depth_drawn_per_step_is_exact(tmp_path: Path) -> None:
+    run_training(tmp_path / "full", *DREAMER_RUN, config=DREAMER_TINY)
+    run_training(tmp_path / "split", *DREAMER_RUN, stop_at=3, config=DREAMER_TINY)
+    run_training(tmp_path / "split", *DREAMER_RUN, config=DREAMER_TINY)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bitwise
+    assert len(losses(tmp_path / "full")) == 6
+    rows = [row for row in logged_rows(tmp_path / "full") if "loss" in row]
+    assert [row["stage"] for row in rows] == [0, 0, 1, 1, 1, 1]
 
 
 def test_checkpoints_disabled_writes_none(tmp_path: Path) -> None:
