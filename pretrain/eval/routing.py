@@ -70,7 +70,10 @@ class RoutingRecorder:
         def hook(moe: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.labels is None:
                 return
-            routing = moe.route(args[0], kwargs.get("seq_idx"), context=kwargs.get("context"))
+            # the forward's own keywords (a looped layer's expert attention adds its depth)
+            route_kw = {k: v for k, v in kwargs.items() if k not in ("seq_idx", "context")}
+            seq_idx = args[1] if len(args) > 1 else kwargs.get("seq_idx")
+            routing = moe.route(args[0], seq_idx, context=kwargs.get("context"), **route_kw)
             n_units = routing.expert_idx.shape[0]
             unit_label = torch.full((n_units,), -1, dtype=torch.long, device=args[0].device)
             unit_label.scatter_reduce_(

@@ -333,3 +333,23 @@ def test_bad_dreamer_configs_name_their_keys() -> None:
             CONFIG_DIR / "transformer-29m.yaml",
             ["curriculum.stages=[{name: a, recurrence: 2}]"],
         )
+
+
+def test_eval_command_scores_a_dreamer_run(tmp_path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    """The unchanged eval entry point on a Dreamer checkpoint, including the routing-MI task
+    whose hook re-routes each expert-attention call with its depth."""
+    from launch.cli import main
+    from parallel.dist import DistInfo
+    from pretrain.build import build_trainer
+    from pretrain.config import load_config
+    from tests.pretrain.trainer_helpers import DREAMER_FAST, FAST
+
+    run = tmp_path / "run"
+    overrides = [*FAST, *DREAMER_FAST, "train.steps=2", "checkpoint.every=2", f"run.dir={run}"]
+    build_trainer(load_config(CONFIG_DIR / TINY, overrides), DistInfo(), log=lambda m: None).run()
+    capsys.readouterr()
+    args = ["eval", "--run", str(run), "--tasks", "domain_mixture", "--batches", "1"]
+    assert main([*args, "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scores = report["tasks"]["domain_mixture"]
+    assert math.isfinite(scores["loss"]) and "expert_mi_bits/Lcore" in scores
