@@ -90,8 +90,16 @@ def apply_fsdp2(
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP around the whole model; unused parameters are expected (curriculum switches paths off)."""
+    """DDP around the whole model; unused parameters are expected (curriculum switches paths off).
+
+    Buffers are not broadcast from rank 0 at each forward: the model's buffers are either the
+    same on every rank by construction (the routing bias, updated from globally reduced
+    counts) or this rank's own counts since the last optimizer step (expert load), which a
+    broadcast would overwrite between micro-batches.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
+    )

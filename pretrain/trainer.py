@@ -100,7 +100,8 @@ class Trainer:
     reader_stage: int = -1
     batches: Iterator[dict[str, torch.Tensor]] | None = None
     stop: StopSignal = field(default_factory=StopSignal)
-    _flops_per_token: dict[int, float] = field(default_factory=dict)  # per stage (its seq_len)
+    # per (stage, block runs): its seq_len, and the depth a looped stack trains at
+    _flops_per_token: dict[tuple[int, tuple[float, ...]], float] = field(default_factory=dict)
     _saved_step: int = -1
     _run_id_waited: bool = False
     _rollbacks_to: dict[int, int] = field(default_factory=dict)  # checkpoint step -> rollbacks
@@ -243,10 +244,12 @@ class Trainer:
         return metrics
 
     def _throughput_metrics(self, stage: Stage, tokens_per_s: float) -> dict[str, float]:
-        flops_per_token = self._flops_per_token.get(stage.index)
+        # a looped stack may train at another depth each step: count what this step ran
+        runs = tuple(self.model.stack.runs_per_forward(training=True).values())
+        flops_per_token = self._flops_per_token.get((stage.index, runs))
         if flops_per_token is None:
-            flops_per_token = count_flops(self.model, stage.seq_len).train_per_token
-            self._flops_per_token[stage.index] = flops_per_token
+            flops_per_token = count_flops(self.model, stage.seq_len, training=True).train_per_token
+            self._flops_per_token[(stage.index, runs)] = flops_per_token
         out = {"peak_memory_gib": peak_memory_gib(self.info.device)}
         peak = self.cfg.train.peak_tflops
         peak_flops = peak * 1e12 if peak else None

@@ -33,7 +33,7 @@ def inference_cache_bytes(
         ones), plus "total".
     """
     out: dict[str, int] = {}
-    runs = model.stack.runs_per_forward()
+    runs = model.stack.runs_per_forward(training=False)
     for block_name, block in model.blocks.items():
         for name, module in block.paths.items():
             # a looped block keeps one state per run (each depth has its own keys and values)

@@ -32,8 +32,9 @@ class BlockStack(Protocol):
         """Every distinct block, keyed by a stable name (parameter names are ``blocks.<name>``)."""
         ...
 
-    def runs_per_forward(self) -> dict[str, float]:
-        """How many times each block runs in one forward at evaluation settings."""
+    def runs_per_forward(self, training: bool = False) -> dict[str, float]:
+        """How many times each block runs in one forward: at evaluation settings, or with the
+        per-step settings of the next training step (``training``)."""
         ...
 
     def forward(
@@ -57,7 +58,7 @@ class LayeredStack:
     def build_blocks(self) -> dict[str, nn.Module]:
         return {str(i): self._build_block(i) for i in range(self.n_layers)}
 
-    def runs_per_forward(self) -> dict[str, float]:
+    def runs_per_forward(self, training: bool = False) -> dict[str, float]:
         return {str(i): 1.0 for i in range(self.n_layers)}
 
     def forward(

@@ -84,7 +84,7 @@ def test_r1_without_depth_attention_is_a_plain_block() -> None:
     torch.testing.assert_close(out.aux_loss, aux.to(out.aux_loss.dtype), atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("entry", [1, 2, 3])
+@pytest.mark.parametrize("entry", [0, 1, 2, 3])
 def test_depth_attention_sees_exactly_the_earlier_iterations(entry: int) -> None:
     """Memory entry j is the state entering iteration j (the output of iteration j - 1):
     perturbing it moves iteration j's output and later ones, never earlier ones."""
@@ -248,6 +248,22 @@ def _frames_compiled(recurrence: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     return frames, out.logits, eager(ids).logits
 
 
+def test_compiled_and_checkpointed_layer_counts_each_depth_once() -> None:
+    """Compiled expert attention under activation checkpointing: the backward's recompute of
+    each iteration must not count the load (or remember the selections) a second time."""
+    torch._dynamo.reset()
+    model = build_from_config(TINY).train()
+    model.activation_checkpointing = True
+    model.blocks[CORE].compile(backend="aot_eager")
+    module: ExpertAttention = model.blocks[CORE].paths["moe"]
+    out = model(random_tokens(model, 2, 32))
+    (out.logits.sum() + out.aux_loss).backward()
+    torch._dynamo.reset()
+    assert len(module.depth_selections) == 3
+    assert module.tokens_per_expert.sum() == 2 * 32 * 3 * module.cfg.top_k
+    assert module.tokens_per_depth.sum(1).tolist()[:3] == [2 * 32 * module.cfg.top_k] * 3
+
+
 def test_the_loop_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shared layer's compiled paths (sequence and expert attention) get r as a tensor and
     the same shapes at every iteration: three iterations compile exactly the frames one does
@@ -323,6 +339,7 @@ def test_bad_dreamer_configs_name_their_keys() -> None:
         "model.dreamer.depth_heads=3": "model.dreamer.depth_heads",
         "model.dreamer.recurrence=9": "model.dreamer.max_recurrence",
         "model.dreamer.train_recurrence=[3,2]": "model.dreamer.train_recurrence",
+        "model.moe.every=2": "model.moe.every",
         "parallel.cp=2": "parallel.cp",
     }
     for override, key in cases.items():
@@ -353,3 +370,16 @@ def test_eval_command_scores_a_dreamer_run(tmp_path, capsys: pytest.CaptureFixtu
     report = json.loads(capsys.readouterr().out)
     scores = report["tasks"]["domain_mixture"]
     assert math.isfinite(scores["loss"]) and "expert_mi_bits/Lcore" in scores
+
+
+def test_flops_count_the_depth_a_step_trains_at() -> None:
+    """Training FLOPs follow the step's R (a stage's or a drawn one); evaluation's use
+    dreamer.recurrence; a model built for R = 2 counts what the R = 4 model trains at R = 2."""
+    from pretrain.flops import count_flops
+
+    deep = build_from_config(TINY, "model.dreamer.recurrence=4")
+    shallow = build_from_config(TINY, "model.dreamer.recurrence=2")
+    deep.set_step(0, recurrence=2)
+    trained = count_flops(deep, 64, training=True).components
+    assert trained == count_flops(shallow, 64).components
+    assert count_flops(deep, 64).forward_per_token > sum(trained.values())

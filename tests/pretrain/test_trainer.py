@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.models.dreamer.stack import drawn_recurrence
 from tests.pretrain.trainer_helpers import (
     ATTAMBA_TINY,
     DREAMER_FAST,
@@ -43,10 +44,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(
     assert len(losses(tmp_path / "full")) == 6
 
 
-# A depth drawn per step in [1, 3] after a 2-step stage at depth 1, over 2 micro-batches
+# A depth drawn per step in [2, 4] after a 2-step stage at depth 1, over 2 micro-batches
 DREAMER_RUN = (
     *DREAMER_FAST,
-    "model.dreamer.train_recurrence=[1,3]",
+    "model.dreamer.train_recurrence=[2,4]",
     "curriculum.stages=[{name: shallow, steps: 2, recurrence: 1}, {name: drawn}]",
     "train.grad_accum=2",
 )
@@ -60,6 +61,9 @@ def test_dreamer_resume_with_a_depth_drawn_per_step_is_exact(tmp_path: Path) -> 
     assert len(losses(tmp_path / "full")) == 6
     rows = [row for row in logged_rows(tmp_path / "full") if "loss" in row]
     assert [row["stage"] for row in rows] == [0, 0, 1, 1, 1, 1]
+    drawn = [drawn_recurrence(step, 2, 4) for step in range(2, 6)]
+    assert [row["recurrence"] for row in rows] == [1, 1, *drawn]
+    assert set(drawn) - {1, 3}, drawn  # the draws differ from the stage's and the eval depth
 
 
 def test_checkpoints_disabled_writes_none(tmp_path: Path) -> None:

@@ -130,9 +130,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward, e.g. an activation-checkpoint recompute of forward."""
-    if torch.compiler.is_compiling():
-        return False
+    """True while autograd runs a backward, e.g. an activation-checkpoint recompute of forward
+    (call it eagerly: see ``ChunkMoE._record_if_training``)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -211,8 +210,7 @@ class ChunkMoE(nn.Module):
             (ex.w1, ex.w3, ex.w2),  # global shapes (DTensors under EP and FSDP) for the checks
             self._dispatched_experts,
         )
-        if self.training and not _in_backward():
-            self._record_load(tok_expert, **route_kw)
+        self._record_if_training(tok_expert, **route_kw)
         return y.reshape(batch, seq_len, d_model).to(x.dtype), self.aux_loss(routing)
 
     def _dispatched_experts(
@@ -370,6 +368,14 @@ class ChunkMoE(nn.Module):
             z_loss = torch.logsumexp(logits, dim=-1).square().sum() * scale
             loss = loss + self.cfg.z_loss_coef * z_loss
         return loss
+
+    # eager even inside a compiled forward: traced, the backward check would be frozen to False
+    # and an activation-checkpoint recompute would count the load a second time
+    @torch.compiler.disable
+    def _record_if_training(self, tok_expert: torch.Tensor, **route_kw: Any) -> None:
+        """Count a training forward's choices (never a recompute of it in backward)."""
+        if self.training and not _in_backward():
+            self._record_load(tok_expert, **route_kw)
 
     @torch.no_grad()
     def _record_load(self, tok_expert: torch.Tensor) -> torch.Tensor:

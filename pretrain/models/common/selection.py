@@ -18,23 +18,22 @@ import math
 import torch
 
 
-def set_ids(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[N, k] chosen experts -> [N] int64 id of each token's (unordered) set."""
-    ordered = expert_idx.sort(dim=-1).values.long()
-    powers = n_experts ** torch.arange(ordered.shape[-1], device=ordered.device)
-    return (ordered * powers).sum(-1)
+def _set_counts(expert_idx: torch.Tensor) -> torch.Tensor:
+    """[N, k] chosen experts -> how many tokens chose each different (unordered) set."""
+    ordered = expert_idx.sort(dim=-1).values  # rows, not an integer code: no overflow at any E, k
+    return ordered.unique(dim=0, return_counts=True)[1]
 
 
 def set_entropy_bits(expert_idx: torch.Tensor, n_experts: int) -> float:
     """Entropy in bits of the k-expert sets chosen by the [N, k] tokens."""
-    _, counts = set_ids(expert_idx, n_experts).unique(return_counts=True)
+    counts = _set_counts(expert_idx)
     p = counts.double() / counts.sum()
     return float(-(p * p.log2()).sum())
 
 
 def distinct_sets(expert_idx: torch.Tensor, n_experts: int) -> int:
     """Number of different k-expert sets among the [N, k] tokens."""
-    return int(set_ids(expert_idx, n_experts).unique().numel())
+    return int(_set_counts(expert_idx).numel())
 
 
 def distinct_experts_per_token(selections: torch.Tensor, n_experts: int) -> float:

@@ -108,12 +108,16 @@ class DepthAttention(nn.Module):
             out = out + probs[..., j, None] * depth.values[j]
         return self.wo(out.reshape(B, T, D))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token and iteration at R iterations: the query and output
-        projections, the key/value projections of the one state stored per iteration, and
-        scores and weighted sum over (R + 1) / 2 entries on average."""
+    def flops_for_runs(self, seq_len: int, runs: float) -> float:
+        """Forward FLOPs per token of ``runs`` iterations: per iteration the query and output
+        projections and the key/value projections of the one state it stores (4 D x D
+        matmuls), and at iteration r scores and a weighted sum over r + 1 entries."""
         d = self.wq.weight.shape[0]
-        return 2 * 4 * d * d + 2 * 2 * d * (self.recurrence + 1) / 2
+        return runs * 2 * 4 * d * d + 2 * 2 * d * runs * (runs + 1) / 2
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token and iteration, averaged over R = ``recurrence`` iterations."""
+        return self.flops_for_runs(seq_len, self.recurrence) / self.recurrence
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Nothing is kept across positions: a decoded token rebuilds its own depth memory."""

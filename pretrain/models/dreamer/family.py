@@ -46,6 +46,10 @@ def dreamer_config_problems(cfg: ModelConfig) -> list[str]:
         problems.append(
             "model.moe.score_func: Dreamer's expert attention scores with sigmoid; set sigmoid"
         )
+    defaults = type(moe)()
+    for key in ("every", "chunk_size"):  # token routing in the one shared layer: no meaning
+        if getattr(moe, key) != getattr(defaults, key):
+            problems.append(f"model.moe.{key}: not used by Dreamer's expert attention; remove it")
     if dc.n_prelude + dc.n_coda and cfg.d_ff == 0:
         problems.append("model.d_ff: the prelude and coda blocks need d_ff > 0")
     return problems

@@ -49,9 +49,9 @@ class RecurrentStack:
         blocks.update({name: build_outer_block(self.cfg) for name in self.coda})
         return blocks
 
-    def runs_per_forward(self) -> dict[str, float]:
+    def runs_per_forward(self, training: bool = False) -> dict[str, float]:
         runs = {name: 1.0 for name in (*self.prelude, *self.coda)}
-        runs[CORE] = float(self.eval_recurrence)
+        runs[CORE] = float(self.recurrence(training))
         return runs
 
     def recurrence(self, training: bool) -> int:
