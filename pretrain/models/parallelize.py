@@ -11,10 +11,10 @@ Order (each step sees the result of the previous one):
 6. FSDP2: the experts of each MoE layer on the expert-sharding mesh, then every block, then the
    root, on the FSDP mesh, leaving the split PKM tables out; or DDP around the model.
 
-Hydra, the Transformer, Mamba-2 and Attamba share one layered stack (embedding -> blocks -> head),
-so they share ``parallelize_layered``; a family with another stack names its own in its
-``ModelFamily`` (``parallelize="module:function"``, resolved by
-``pretrain.models.family.resolve_parallelize``): Dreamer's is ``parallelize_dreamer``.
+Every family shares ``parallelize_layered``: it asks the stack which blocks are looped over
+depth (Dreamer's shared layer) and keeps those in the root unit. A family that needs other
+steps names its own function in its ``ModelFamily`` (``parallelize="module:function"``,
+resolved by ``pretrain.models.family.resolve_parallelize``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ def parallelize_layered(
 ) -> nn.Module:
     """Apply ``parallel.backend`` (none, ddp or fsdp2) and the mesh's dimensions to ``model``.
 
+    A block the stack loops over depth (``looped_blocks``: Dreamer's shared layer) is not an
+    FSDP2 unit of its own: it stays in the root's unit, which is all-gathered once per forward
+    and kept gathered through the loop and the backward (the root alone does not reshard after
+    forward), then reduce-scattered once; as its own unit it would be gathered at every
+    iteration and again in backward. Activation checkpointing recomputes each block call (each
+    iteration apart); ``torch.compile`` compiles each distinct block once (``DreamerLayer``
+    compiles its fixed-shape paths, which serve every iteration).
+
     Returns:
         The module to call forward on: ``model`` itself (FSDP2 works in place), or its DDP
         wrapper.
@@ -59,6 +67,7 @@ def parallelize_layered(
     if train.compile:
         apply_compile(model)
     if parallel.backend == "fsdp2" and mesh.mesh is not None:
+        looped = model.stack.looped_blocks()
         apply_fsdp2(
             model,
             mesh,
@@ -67,12 +76,16 @@ def parallelize_layered(
             reshard_after_forward=parallel.reshard_after_forward,
             mixed_precision=parallel.mixed_precision,
             device_type=info.device.type,
+            blocks=[block for name, block in model.blocks.items() if name not in looped],
+            keep_root_gathered=bool(looped),
         )
         logger.info(
-            "FSDP2 on %s (reshard_after_forward=%s); PKM tables split over %s",
+            "FSDP2 on %s (reshard_after_forward=%s); PKM tables split over %s; looped blocks"
+            " %s in the root unit",
             mesh.dims.describe(),
             parallel.reshard_after_forward,
             pkm_over if sharded_tables else "none",
+            sorted(looped) or "none",
         )
         return model
     if parallel.backend == "ddp" and info.distributed:
@@ -82,52 +95,6 @@ def parallelize_layered(
 
 Parallelize = Callable[[CausalLM, ParallelMesh, DistInfo, ParallelConfig, TrainConfig], nn.Module]
 parallelize_hydra: Parallelize = parallelize_layered
-
-
-def parallelize_dreamer(
-    model: CausalLM,
-    mesh: ParallelMesh,
-    info: DistInfo,
-    parallel: ParallelConfig,
-    train: TrainConfig,
-) -> nn.Module:
-    """``parallelize_layered``'s order for a stack with one block looped over depth.
-
-    - FSDP2: the prelude and coda blocks are their own units; the shared layer stays in the
-      root's unit, which is all-gathered once per forward (micro-batch) and kept gathered
-      through the loop and the backward (the root alone does not reshard after forward), then
-      reduce-scattered once. As its own unit it would be all-gathered at each of the R
-      iterations and again in backward. Memory: the shared layer's parameters stay whole for
-      the step, which is one block's worth.
-    - Activation checkpointing recomputes each block call: every iteration of the loop apart.
-    - ``torch.compile`` compiles each prelude/coda block and the shared layer's fixed-shape
-      paths, once for every iteration (``DreamerLayer.compile``).
-    - Expert parallelism is refused by the config check (``supports_expert_parallel``); with
-      ``ep == 1`` this installs the expert attention's routing-statistics reducer, so that its
-      balancing bias moves alike on every rank.
-    """
-    from pretrain.models.dreamer.stack import CORE
-
-    apply_expert_parallel([m for m in model.modules() if isinstance(m, ChunkMoE)], mesh)
-    if train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if train.compile:
-        apply_compile(model)
-    if parallel.backend == "fsdp2" and mesh.mesh is not None:
-        outer = [block for name, block in model.blocks.items() if name != CORE]
-        apply_fsdp2(
-            model,
-            mesh,
-            [],
-            ignored_params=set(),
-            reshard_after_forward=parallel.reshard_after_forward,
-            mixed_precision=parallel.mixed_precision,
-            device_type=info.device.type,
-            blocks=outer,
-            keep_root_gathered=True,
-        )
-        logger.info("FSDP2 on %s; the shared layer is gathered once per step", mesh.dims.describe())
-        return model
-    if parallel.backend == "ddp" and info.distributed:
-        return wrap_ddp(model, info)
-    return model
+parallelize_dreamer: Parallelize = parallelize_layered
+"""Dreamer's stack loops its shared layer (``looped_blocks``), which ``parallelize_layered``
+keeps in FSDP2's root unit; its EP and CP are refused by the config check."""

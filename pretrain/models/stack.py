@@ -37,6 +37,10 @@ class BlockStack(Protocol):
         per-step settings of the next training step (``training``)."""
         ...
 
+    def looped_blocks(self) -> frozenset[str]:
+        """Blocks that may run more than once per forward (kept gathered by FSDP2)."""
+        ...
+
     def forward(
         self, run_block: RunBlock, h: torch.Tensor, context: SequenceContext, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +64,9 @@ class LayeredStack:
 
     def runs_per_forward(self, training: bool = False) -> dict[str, float]:
         return {str(i): 1.0 for i in range(self.n_layers)}
+
+    def looped_blocks(self) -> frozenset[str]:
+        return frozenset()
 
     def forward(
         self, run_block: RunBlock, h: torch.Tensor, context: SequenceContext, training: bool

@@ -54,6 +54,9 @@ class RecurrentStack:
         runs[CORE] = float(self.recurrence(training))
         return runs
 
+    def looped_blocks(self) -> frozenset[str]:
+        return frozenset({CORE})
+
     def recurrence(self, training: bool) -> int:
         """R of the next forward."""
         return self.train_recurrence if training else self.eval_recurrence
