@@ -59,6 +59,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks._figures import save_figure  # noqa: E402
 from parallel.dist import init_distributed, shutdown  # noqa: E402
 from pretrain.build import build_trainer  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
@@ -356,10 +357,7 @@ def plot_summary(
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main

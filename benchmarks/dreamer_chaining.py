@@ -78,6 +78,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks._figures import save_figure  # noqa: E402
 from benchmarks.ablations import AblationTask, Settings, run_overrides  # noqa: E402
 from benchmarks.perplexity import model_info  # noqa: E402
 from parallel.dist import init_distributed, shutdown  # noqa: E402
@@ -435,10 +436,7 @@ def plot_curves(
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main

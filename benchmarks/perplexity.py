@@ -71,6 +71,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks._figures import save_figure  # noqa: E402
 from data_pipeline.errors import DataConfigError  # noqa: E402
 from data_pipeline.prepare import PrepareConfig, format_summary, prepare_dataset  # noqa: E402
 from data_pipeline.shards import MANIFEST, Manifest  # noqa: E402
@@ -494,10 +495,7 @@ def plot_curves(models: dict[str, dict[str, Any]], path: Path, title: str) -> No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
