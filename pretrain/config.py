@@ -265,7 +265,7 @@ def _stage_recurrence_problems(model: ModelConfig, recurrence: int | None, key: 
     """A stage's ``recurrence`` needs a model that loops a block, and fits its depth embedding."""
     if recurrence is None:
         return []
-    if get_family(model.family).build_stack is None:  # a layered stack
+    if not get_family(model.family).stack(model).looped_blocks():
         return [f"{key}.recurrence: model.family={model.family} loops no block over depth"]
     if recurrence > model.dreamer.max_recurrence:
         return [

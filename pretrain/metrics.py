@@ -46,9 +46,11 @@ def component_metrics(model: nn.Module) -> dict[str, float]:
             out[f"pkm/L{layer}/key_usage"] = float(m.key_usage())
             out[f"pkm/L{layer}/lookup_time_s"] = m.lookup_timer.last_step_s()
             m.reset_usage()
-    recurrence = getattr(getattr(model, "stack", None), "train_recurrence", None)
-    if recurrence is not None:  # a looped stack: the depth this step trained at
-        out["recurrence"] = float(recurrence)
+    stack = getattr(model, "stack", None)
+    looped = stack.looped_blocks() if stack is not None else frozenset()
+    if looped:  # the depth this step trained at
+        runs = stack.runs_per_forward(training=True)
+        out["recurrence"] = max(runs[name] for name in looped)
     for bname, block in model.blocks.items():
         for path, gate in block.gates.items():
             value = gate.full_tensor() if hasattr(gate, "full_tensor") else gate

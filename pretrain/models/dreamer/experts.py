@@ -88,16 +88,12 @@ class ExpertAttention(ChunkMoE):
         self.tokens_per_depth.index_add_(
             0, depth_index[None], counts[None].to(self.tokens_per_depth.dtype)
         )
-        self._remember_selection(tok_expert)
+        self.depth_selections.append(tok_expert.detach())  # only the metrics read it
         return counts
 
     def begin_forward(self) -> None:
         """A new forward of the stack starts: forget the last one's per-depth selections."""
         self.depth_selections = []
-
-    @torch.compiler.disable  # a Python list; only the metrics read it
-    def _remember_selection(self, tok_expert: torch.Tensor) -> None:
-        self.depth_selections.append(tok_expert.detach())
 
     @torch.no_grad()
     def after_optimizer_step(self, stepped: bool) -> None:
