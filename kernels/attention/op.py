@@ -33,6 +33,7 @@ def sparse_global_attention(
     seq_idx: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "torch",
+    summary_width: int | None = None,
 ) -> torch.Tensor:
     """Sparse global attention on the chosen backend.
 
@@ -45,6 +46,8 @@ def sparse_global_attention(
         seq_idx: [b, T] document numbers of packed rows, ``None``: one document per row.
         scale: score scale, default ``K ** -0.5``.
         backend: ``torch`` | ``flex`` | ``flash_attn``.
+        summary_width: for the blocked ``torch`` path, the static number of summaries a query
+            block gathers (``kernels.attention.ref.summary_block_width``); None measures it.
 
     Returns:
         [b, T, H, K] in q's dtype.
@@ -55,7 +58,9 @@ def sparse_global_attention(
     """
     kwargs = {"window": window, "n_global": n_global, "seq_idx": seq_idx, "scale": scale}
     if backend == "torch":
-        return _sparse_global_attention_blocked(q, k, v, summaries, **kwargs)
+        return _sparse_global_attention_blocked(
+            q, k, v, summaries, summary_width=summary_width, **kwargs
+        )
     if backend == "flex":
         from kernels.attention.flex import sparse_global_attention_flex
 

@@ -152,6 +152,62 @@ def build_chunk_summaries(
     return ChunkSummaries(pool(k), pool(v), start, end)
 
 
+def visible_chunk_summaries(
+    k: torch.Tensor, v: torch.Tensor, chunk: int, doc_pos: torch.Tensor
+) -> ChunkSummaries:
+    """The summaries of ``build_chunk_summaries`` that some query can see, in a batch-independent
+    shape: S = (T - 1) // chunk slots, whatever the packing (static shapes for compiled kernels,
+    no host sync).
+
+    A chunk can be seen only if its document goes on after it (a document's last chunk ends at
+    its last token, before any query of that document could see it). Such a chunk is full
+    (``chunk`` tokens) and ends before T - 1, so at most (T - 1) // chunk of them fit in a row;
+    unused slots are padding (start = end = T, never visible). Rows must start at a chunk start
+    (``doc_pos[:, 0] % chunk == 0``, as in ``build_chunk_summaries``); every real entry is
+    eligible, which lets the blocked op use ``summary_block_width``.
+
+    Args:
+        k, v: [b, T, Hkv, K] keys and values.
+        chunk: tokens per summary.
+        doc_pos: [b, T] position of each token inside its document.
+
+    Returns:
+        ChunkSummaries with S = (T - 1) // chunk, sorted by end; k/v pooled in fp32 (or fp64)
+        and cast back to the input dtype.
+    """
+    b, T = doc_pos.shape
+    n_slots = max(T - 1, 0) // chunk
+    pos = torch.arange(T, device=doc_pos.device)
+    # position e ends a visible chunk: its document goes on at e + 1 with a new chunk there
+    ends_chunk = (
+        (doc_pos[:, 1:] == doc_pos[:, :-1] + 1)
+        & (doc_pos[:, 1:] % chunk == 0)
+        & (pos[None, : T - 1] >= chunk - 1)
+    )  # [b, T-1]
+    slot = torch.where(ends_chunk, ends_chunk.long().cumsum(dim=1) - 1, n_slots)
+    end = torch.full((b, n_slots + 1), T, dtype=torch.long, device=doc_pos.device)
+    end = end.scatter(1, slot, pos[None, : T - 1].expand(b, -1).contiguous())[:, :n_slots]
+    valid = end < T
+    start = torch.where(valid, end - (chunk - 1), T)
+    covered = start.clamp(max=T - chunk)[:, :, None] + torch.arange(chunk, device=k.device)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:  # [b, T, Hkv, K] -> [b, S, Hkv, K]
+        acc = x.to(torch.promote_types(x.dtype, torch.float32))
+        index = covered.reshape(b, -1, 1, 1).expand(-1, -1, *x.shape[2:])
+        rows = acc.gather(1, index).view(b, n_slots, chunk, *x.shape[2:])
+        mean = rows.mean(dim=2) * valid[:, :, None, None].to(acc.dtype)
+        return mean.to(x.dtype)
+
+    return ChunkSummaries(pool(k), pool(v), start, end)
+
+
+def summary_block_width(n_global: int, block: int, chunk: int) -> int:
+    """The most summaries a query block of ``block`` tokens can need from
+    ``visible_chunk_summaries`` (all eligible, at least ``chunk`` positions apart): its first
+    query's ``n_global`` plus those ending within the block's span."""
+    return n_global + (block - 1) // chunk + 1
+
+
 def _check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, n_global: int
 ) -> None:
@@ -374,7 +430,12 @@ def _local_part(
 
 
 def _summary_part(
-    q_blk: torch.Tensor, summaries: ChunkSummaries, doc: torch.Tensor, window: int, n_global: int
+    q_blk: torch.Tensor,
+    summaries: ChunkSummaries,
+    doc: torch.Tensor,
+    window: int,
+    n_global: int,
+    width: int | None = None,
 ) -> _Part | None:
     """Each query block attends to the contiguous range of summaries its queries may need.
 
@@ -382,6 +443,8 @@ def _summary_part(
     hi(t) = #{j: end_j <= t - window}; it keeps those with E[hi(t)] - E[j] <= n_global, E being the
     exclusive prefix count of eligible summaries. Both bounds grow with t, so block n needs only
     indices [first(t0), hi(t_last)): at most n_global + (summaries ending in the block) + ineligible.
+    ``width`` fixes that count (``summary_block_width``; checked on the device, asynchronously);
+    None measures it, which costs a host sync.
     """
     b, n, blk = q_blk.shape[:3]
     T, S = doc.shape[1], summaries.end.shape[1]
@@ -398,9 +461,13 @@ def _summary_part(
         ecount, (e_hi - n_global).view(b, n, blk)[:, :, 0].contiguous()
     )  # [b, n]
     last = hi.view(b, n, blk)[:, :, -1]
-    width = int((last - first).max().item())
-    if width <= 0:
-        return None
+    if width is None:
+        width = int((last - first).max().item())  # shape-defining: a host sync
+        if width <= 0:
+            return None
+    else:
+        width = min(width, S)
+        torch._assert_async((last - first).max() <= width, "summary_width is too small")
     raw_idx = first[:, :, None] + torch.arange(width, device=doc.device)  # [b, n, G']
     idx = raw_idx.clamp(max=S - 1)  # clamped entries are masked below through raw_idx >= hi
 
@@ -432,6 +499,7 @@ def sparse_global_attention(
     n_global: int,
     seq_idx: torch.Tensor | None = None,
     scale: float | None = None,
+    summary_width: int | None = None,
 ) -> torch.Tensor:
     """Sparse global attention, blocked CPU algorithm in O(T * (window + n_global)).
 
@@ -444,6 +512,9 @@ def sparse_global_attention(
         n_global: at most this many summaries per query (the most recent candidates).
         seq_idx: [b, T] document numbers of packed rows, ``None``: one document per row.
         scale: score scale, default ``K ** -0.5``.
+        summary_width: the most summaries one query block (of min(window, T) queries) needs, for
+            summaries of ``visible_chunk_summaries`` (``summary_block_width``): static shapes
+            and no host sync. None measures it per call (any summaries).
 
     Returns:
         [b, T, H, K] in the dtype of ``q``; the softmax runs in fp32 (fp64 for fp64 inputs) with
@@ -458,8 +529,9 @@ def sparse_global_attention(
     dtype = torch.promote_types(q.dtype, torch.float32)
     doc = document_ids(seq_idx, b, T, q.device)
     if summaries is not None and summaries.end.shape[1] > 1:
-        if bool((summaries.end[:, 1:] < summaries.end[:, :-1]).any()):
-            raise ValueError("summaries must be sorted by end position within each row")
+        # checked on the device: no host sync, so no stall and no graph break
+        ends = summaries.end
+        torch._assert_async((ends[:, 1:] >= ends[:, :-1]).all(), "summaries must be sorted by end")
 
     with torch.autocast(q.device.type, enabled=False):
         pad = n * blk - T
@@ -471,7 +543,7 @@ def sparse_global_attention(
         glob = None
         if summaries is not None:
             cast = summaries._replace(k=summaries.k.to(dtype), v=summaries.v.to(dtype))
-            glob = _summary_part(q_blk, cast, doc, window, n_global)
+            glob = _summary_part(q_blk, cast, doc, window, n_global, summary_width)
         out = _merge_parts(local, glob)  # [b, n, Hkv, g, W, K]
     out = out.permute(0, 1, 4, 2, 3, 5).reshape(b, n * blk, H, K)[:, :T]
     return out.to(q.dtype)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import ChunkSummaries, build_chunk_summaries, document_ids
+from kernels.attention import ChunkSummaries, document_ids
 from kernels.attention.op import sparse_global_attention
-from kernels.attention.ref import pool_chunk_sums
+from kernels.attention.ref import pool_chunk_sums, summary_block_width, visible_chunk_summaries
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import AttentionConfig
@@ -133,10 +133,11 @@ class SparseGlobalAttention(_AttentionBase):
     ) -> torch.Tensor:
         if context.split:
             return self._attend_slice(q, k, v, context)
-        cfg = self.cfg
+        cfg, T = self.cfg, q.shape[1]
         summaries = None
-        if cfg.n_global > 0 and q.shape[1] > cfg.window:  # shorter rows can never see a summary
-            summaries = build_chunk_summaries(k, v, cfg.summary_chunk, context.doc_pos)
+        if cfg.n_global > 0 and T > cfg.window:  # shorter rows can never see a summary
+            # (T - 1) // summary_chunk slots whatever the packing: one compiled kernel per T
+            summaries = visible_chunk_summaries(k, v, cfg.summary_chunk, context.doc_pos)
         return sparse_global_attention(
             q,
             k,
@@ -146,6 +147,7 @@ class SparseGlobalAttention(_AttentionBase):
             n_global=cfg.n_global,
             seq_idx=context.seq_idx,
             backend=self.kernel_backend,
+            summary_width=summary_block_width(cfg.n_global, min(cfg.window, T), cfg.summary_chunk),
         )
 
     def _attend_slice(

@@ -61,7 +61,8 @@ class ProductKeyMemory(nn.Module):
     Buffer ``usage_counts`` [R] (int64, not persistent) counts how often each row was read in
     training mode since the last ``reset_usage()``; ``key_usage()`` turns it into the fraction of
     rows used, over every rank's tokens when a ``reducer`` is installed (a collective then).
-    ``lookup_timer`` times the bag (forward and backward) of each training step.
+    ``lookup_timer`` times the bag (forward and backward) of each eager training step (a compiled
+    block is not split around the lookup, so its time reads 0).
     """
 
     # The block gives it the raw residual: it applies its own input RMSNorm (self.norm).
@@ -147,8 +148,9 @@ class ProductKeyMemory(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training:
                 self._count_usage(indices)
+            if self.training and not torch.compiler.is_compiling():
                 read = self._timed_lookup(indices, weights)  # [N, Dv]
-            else:
+            else:  # a compiled block is not split around the lookup to time it
                 read = self.lookup(self.values.weight, indices, weights, self.kernel_backend)
         read = read.reshape(batch, seq_len, self.d_value).to(x.dtype)
         return self.out(read) if self.out is not None else read

@@ -5,8 +5,9 @@ Shape legend: B batch, T time, D d_model, E d_inner (= expand * D), H SSM heads,
 
 Document resets (``seq_idx``) are exact in both the conv (taps into an earlier document read zero)
 and the scan (the state restarts at zero), so a packed row equals its documents run one by one.
-The scan and the SSM parameters (``A_log``, ``D``, ``dt_bias``) stay fp32 under bf16 autocast
-(mamba_ssm issues #6, #352 show what happens otherwise).
+The SSM parameters (``A_log``, ``D``, ``dt_bias``), dt and the scan state stay fp32 under bf16
+autocast (mamba_ssm issues #6, #352 show what happens otherwise); x, B and C enter a GPU scan
+kernel (``triton``, ``mamba_ssm``) in bf16, the torch reference in fp32.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class Mamba2Mixer(nn.Module):
         doc = document_ids(seq_idx) if seq_idx is not None else None
         if split:
             conv_state = self._conv_halo(xbc, doc, context)
+        scan_dtype = self._scan_dtype(x.device.type)  # read before autocast is turned off
         with torch.autocast(device_type=x.device.type, enabled=False):
             xbc_act = F.silu(self._causal_conv(xbc.float(), doc, conv_state))
             xs, b_in, c_out = xbc_act.split(
@@ -186,16 +188,17 @@ class Mamba2Mixer(nn.Module):
             dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, T, H]
             A = -torch.exp(self.A_log.float())
             y, ssm_state = ssd_scan(
-                xs,
+                xs.to(scan_dtype),
                 dt,
                 A,
-                b_in.unflatten(-1, (G, cfg.d_state)),
-                c_out.unflatten(-1, (G, cfg.d_state)),
+                b_in.unflatten(-1, (G, cfg.d_state)).to(scan_dtype),
+                c_out.unflatten(-1, (G, cfg.d_state)).to(scan_dtype),
                 cfg.chunk_size,
                 initial_state=None if initial_state is None else initial_state.float(),
                 seq_idx=doc,
                 backend=self.kernel_backend,
             )
+            y = y.float()  # a bf16 scan's output joins the fp32 skip and the norm
             if split:
                 y = y + self._incoming_state_output(ssm_state, dt * A, c_out, context).to(y.dtype)
             y = y + self.D.float()[:, None] * xs
@@ -204,6 +207,15 @@ class Mamba2Mixer(nn.Module):
         if not return_state:
             return out
         return out, SSMState(ssm=ssm_state, conv=self._next_conv_state(xbc, doc, conv_state))
+
+    def _scan_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype x, B and C enter the scan in: the autocast dtype (bf16) when autocast is on
+        and the backend is a GPU kernel, so its dots run on tensor cores with fp32 accumulation
+        and an fp32 state (mamba_ssm's practice); fp32 otherwise (the torch reference, the CPU
+        path). dt, A, D and the state stay fp32 on every backend."""
+        if self.kernel_backend == "torch" or not torch.is_autocast_enabled(device_type):
+            return torch.float32
+        return torch.get_autocast_dtype(device_type)
 
     def _conv_halo(
         self, xbc: torch.Tensor, doc: torch.Tensor | None, context: SequenceContext
