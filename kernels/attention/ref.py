@@ -152,6 +152,29 @@ def build_chunk_summaries(
     return ChunkSummaries(pool(k), pool(v), start, end)
 
 
+def continued_chunk_ends(doc_pos: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Last positions of the full chunks whose document goes on after them: [b, (T - 1) // chunk]
+    int64 in increasing order, T in unused slots. No host sync; the shape depends on T only.
+
+    A chunk starts wherever ``doc_pos % chunk == 0``; one whose document continues at the next
+    position is full (rows start at a chunk start) and ends before T - 1, so at most
+    (T - 1) // chunk fit in a row. These are the chunks a later token of their own document can
+    see (a summary) or read the effect of (a workspace write); a document's last chunk never is.
+    """
+    b, T = doc_pos.shape
+    n_slots = max(T - 1, 0) // chunk
+    pos = torch.arange(T, device=doc_pos.device)
+    # position e ends such a chunk: its document goes on at e + 1 with a new chunk there
+    ends_chunk = (
+        (doc_pos[:, 1:] == doc_pos[:, :-1] + 1)
+        & (doc_pos[:, 1:] % chunk == 0)
+        & (pos[None, : T - 1] >= chunk - 1)
+    )  # [b, T-1]
+    slot = torch.where(ends_chunk, ends_chunk.long().cumsum(dim=1) - 1, n_slots)
+    end = torch.full((b, n_slots + 1), T, dtype=torch.long, device=doc_pos.device)
+    return end.scatter(1, slot, pos[None, : T - 1].expand(b, -1).contiguous())[:, :n_slots]
+
+
 def visible_chunk_summaries(
     k: torch.Tensor, v: torch.Tensor, chunk: int, doc_pos: torch.Tensor
 ) -> ChunkSummaries:
@@ -177,16 +200,7 @@ def visible_chunk_summaries(
     """
     b, T = doc_pos.shape
     n_slots = max(T - 1, 0) // chunk
-    pos = torch.arange(T, device=doc_pos.device)
-    # position e ends a visible chunk: its document goes on at e + 1 with a new chunk there
-    ends_chunk = (
-        (doc_pos[:, 1:] == doc_pos[:, :-1] + 1)
-        & (doc_pos[:, 1:] % chunk == 0)
-        & (pos[None, : T - 1] >= chunk - 1)
-    )  # [b, T-1]
-    slot = torch.where(ends_chunk, ends_chunk.long().cumsum(dim=1) - 1, n_slots)
-    end = torch.full((b, n_slots + 1), T, dtype=torch.long, device=doc_pos.device)
-    end = end.scatter(1, slot, pos[None, : T - 1].expand(b, -1).contiguous())[:, :n_slots]
+    end = continued_chunk_ends(doc_pos, chunk)
     valid = end < T
     start = torch.where(valid, end - (chunk - 1), T)
     covered = start.clamp(max=T - chunk)[:, :, None] + torch.arange(chunk, device=k.device)

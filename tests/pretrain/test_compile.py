@@ -6,8 +6,9 @@ results of the eager model. ``backend="eager"`` traces with Dynamo without Induc
 generation, so this checks the tracing, quickly, not the generated code.
 
 Not yet covered (and so not tested here): blocks with an MoE (the load count is recorded
-eagerly, outside the graph, and CPU ``grouped_mm`` traces only in bf16) or a workspace (its
-segment layout takes its size from the packing).
+eagerly, outside the graph, and CPU ``grouped_mm`` traces only in bf16). The workspace and the
+sparse global attention are compiled alone in their own tests (``test_workspace.py``,
+``tests/kernels/test_static_summaries.py``), since every Hydra block that has them has an MoE.
 """
 
 from __future__ import annotations

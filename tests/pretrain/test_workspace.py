@@ -165,3 +165,23 @@ def test_short_sequence_and_no_state_between_calls() -> None:
     torch.testing.assert_close(
         module(x, torch.zeros(1, 3, dtype=torch.long)), first, rtol=0, atol=0
     )
+
+
+def test_one_graph_serves_every_packing_without_breaks() -> None:
+    """Shapes depend on T only: compiled with ``fullgraph`` (no host sync, no graph break), the
+    module is not recompiled when the packing changes, and gives the eager reads."""
+    from torch._dynamo.testing import CompileCounter
+
+    module = _build(seed=4)
+    counter = CompileCounter()
+    compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 27, D_MODEL, generator=gen)
+    packings = [
+        torch.zeros(2, 27, dtype=torch.long),
+        torch.stack([_seq_idx([3, 1, 9, 14]), _seq_idx([27])]),
+        torch.stack([_seq_idx([1] * 27), _seq_idx([8, 8, 11])]),
+    ]
+    for seq_idx in packings:
+        torch.testing.assert_close(compiled(x, seq_idx), module(x, seq_idx))
+    assert counter.frame_count == 1

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention.ref import continued_chunk_ends
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import WorkspaceConfig
@@ -183,13 +184,53 @@ class WorkspaceMemory(nn.Module):
         context = resolve_context(x, seq_idx, context)
         if context.split:
             return self._forward_slice(x, context)
-        batch, seq_len, d_model = x.shape
-        one_document = context.seq_idx is None
-        seg = _build_segments(context.doc_pos, self.chunk_size, one_document=one_document)
-        x_n = self.norm(x)
-        padded = self._padded(x_n, seg)  # [B, S, C, D]
-        states = self._run_slots(padded, seg)  # [B, S, M, D], the state each segment reads
-        return self._gather_reads(padded, states, seg).to(x.dtype)
+        return self._forward_rows(self.norm(x), context.doc_pos).to(x.dtype)
+
+    def _forward_rows(self, x_n: torch.Tensor, doc_pos: torch.Tensor) -> torch.Tensor:
+        """The recurrence of whole rows in shapes fixed by T alone (no host sync, one compiled
+        graph whatever the packing).
+
+        Only a full chunk whose document goes on after it is ever read after its write
+        (``continued_chunk_ends``: at most (T - 1) // C of them), and the state after its
+        write is read by exactly the next chunk of its document. So the loop runs over those
+        slots; a document's first chunk starts from the initial slots; every token of a
+        document's first chunk reads the initial slots, every other token the state written
+        by the chunk before its own.
+        """
+        batch, seq_len, d_model = x_n.shape
+        chunk, rows = self.chunk_size, torch.arange(batch, device=x_n.device)[:, None, None]
+        ends = continued_chunk_ends(doc_pos, chunk)  # [B, S]
+        written = ends < seq_len
+        offsets = torch.arange(chunk, device=x_n.device)
+        # the written chunks' tokens [B, S, C] (padding slots point at a valid, unread place)
+        write_pos = (ends.clamp(max=seq_len - 1) - (chunk - 1)).clamp(min=0)[..., None] + offsets
+        first_chunk = doc_pos.gather(1, write_pos[..., 0]) == 0  # [B, S]
+        initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
+        keys, vals = _heads(self.write_kv(x_n[rows, write_pos]), self.n_heads).chunk(2, dim=-1)
+        state, after_write = initial, []
+        for s in range(ends.shape[1]):
+            state = torch.where(first_chunk[:, s, None, None], initial, state)
+            state = self._write(
+                state, keys[:, s], vals[:, s], written[:, s, None].expand(-1, chunk)
+            )
+            after_write.append(state)
+
+        q = _heads(self.read_q(x_n), self.n_heads)  # [B, T, H, K]
+        mixed = self._mix(q[:, None], initial[:, None])[:, 0]  # [B, T, D]: the initial read
+        if after_write:
+            # readers of write s: the next chunk of its document, ends[s] + 1 .. + C
+            read_pos = ends[..., None] + 1 + offsets  # [B, S, C]
+            safe = read_pos.clamp(max=seq_len - 1)
+            expected = doc_pos.gather(1, ends.clamp(max=seq_len - 1))[..., None] + 1 + offsets
+            reads = written[..., None] & (read_pos < seq_len)
+            reads = reads & (doc_pos[rows, safe] == expected)
+            later = self._mix(q[rows, safe], torch.stack(after_write, dim=1))  # [B, S, C, D]
+            dump = torch.where(reads, read_pos, seq_len).flatten(1)  # non-readers: a spare row
+            grid = torch.cat([mixed, mixed.new_zeros(batch, 1, d_model)], dim=1)
+            index = dump[..., None].expand(-1, -1, d_model)
+            grid = grid.scatter(1, index, later.flatten(1, 2).to(grid.dtype))
+            mixed = grid[:, :seq_len]
+        return self.read_out(mixed)
 
     def _padded(self, x_n: torch.Tensor, seg: _Segments) -> torch.Tensor:
         """Tokens [B, T, D] -> the padded segment layout [B, S, C, D]."""
@@ -343,8 +384,12 @@ class WorkspaceMemory(nn.Module):
             [B, S, C, D] the reads.
         """
         q = _heads(self.read_q(tokens), self.n_heads)  # [B, S, C, H, K]
+        return self.read_out(self._mix(q, states))
+
+    def _mix(self, q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Queries [B, S, C, H, K] attend over the slots [B, S, M, D] -> [B, S, C, D] (before
+        ``read_out``)."""
         keys, vals = _heads(self.read_kv(self.slot_norm(states)), self.n_heads).chunk(2, dim=-1)
         scores = _wide(torch.einsum("bschk,bsmhk->bshcm", q, keys)) / math.sqrt(q.shape[-1])
         probs = F.softmax(scores, dim=-1).to(vals.dtype)
-        mixed = torch.einsum("bshcm,bsmhk->bschk", probs, vals).flatten(-2)
-        return self.read_out(mixed)
+        return torch.einsum("bshcm,bsmhk->bschk", probs, vals).flatten(-2)
