@@ -7,10 +7,19 @@ with every component switched on, and measured side by side in one run: for each
 models take turns, so a machine that drifts (heat, other load) affects them alike. Every step
 holds the same number of tokens at every length (batch = ``--tokens-per-step`` / L, at least 1).
 
+Inputs: the batches the trainer would train on. Each config's ``data`` section is read by the
+trainer's own reader (``pretrain.data_config.reader_config`` + ``data_pipeline.reader``, seed
+``train.seed`` as stage 0, ``seq_len`` = L, ``batch_size`` = the cell's batch), so every step's
+rows are packed documents and the model is called as ``Trainer._forward_backward`` calls it:
+``model(input_ids, seq_idx=seq_idx)``, every family, never the one-document path. The batches
+of a cell (one per warmup, peak and timed step) are read before its timing starts; the JSON
+records the mean documents per row (a padded tail counts as one) and the data sources.
+
 Modes:
-  fwd      inference forward (``torch.no_grad``, eval mode) of fresh random token ids -> logits.
-  fwd+bwd  training forward (train mode), fp32 cross entropy + the MoE auxiliary loss, backward;
-           gradients are dropped after each step (``zero_grad(set_to_none=True)``), no optimizer.
+  fwd      inference forward (``torch.no_grad``, eval mode) -> logits.
+  fwd+bwd  training forward (train mode), fp32 cross entropy against the batch's labels (-100
+           ignored) + the MoE auxiliary loss, backward; gradients are dropped after each step
+           (``zero_grad(set_to_none=True)``), no optimizer.
 
 Precision: bf16 autocast on CUDA, fp32 on CPU, as the trainer runs. Kernel backends are the ones
 the trainer would pick (``kernels.*`` of each config, ``auto`` by default), recorded in the JSON.
@@ -31,7 +40,9 @@ killed run leaves what it measured; ``"complete": true`` at the end) and a PNG (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import itertools
 import json
 import math
 import os
@@ -55,8 +66,10 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
 from benchmarks._measure import median_seconds, peak_bytes  # noqa: E402
+from data_pipeline.reader import build_reader  # noqa: E402
 from kernels.backends import BACKENDS, select_backends  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
+from pretrain.data_config import reader_config  # noqa: E402
 from pretrain.flops import FlopCount, count_flops  # noqa: E402
 from pretrain.loss import lm_loss  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
@@ -154,25 +167,51 @@ def build_subject(
     return Subject(Path(path).stem, str(path), cfg, model, backends, flops)
 
 
+def read_batches(
+    cfg: RunConfig, batch: int, length: int, count: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` batches [batch, length] the trainer's reader gives for ``cfg.data``.
+
+    As ``Trainer._open_stage_data`` opens stage 0 (its seed, the sources' own weights), read in
+    this process (no DataLoader workers) and moved to ``device``: input_ids, labels, seq_idx.
+    """
+    rcfg = reader_config(
+        cfg.data,
+        batch_size=batch,
+        seq_len=length,
+        seed=cfg.train.seed,
+        vocab_size=cfg.model.vocab_size,
+    )
+    reader = iter(build_reader(dataclasses.replace(rcfg, num_workers=0)))
+    keys = ("input_ids", "labels", "seq_idx")
+    return [{k: b[k].to(device) for k in keys} for b in (next(reader) for _ in range(count))]
+
+
+def documents_per_row(batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean number of documents in a row (a change of seq_idx starts one; padding is one)."""
+    counts = [(b["seq_idx"].diff(dim=1) != 0).sum(dim=1) + 1 for b in batches]
+    return float(torch.cat(counts).double().mean())
+
+
 def make_step(
-    model: CausalLM, mode: str, batch: int, length: int, device: torch.device
+    model: CausalLM, mode: str, batches: list[dict[str, torch.Tensor]], device: torch.device
 ) -> Callable[[], None]:
-    """One step of ``mode`` on fresh random token ids [batch, length]."""
-    vocab = model.cfg.vocab_size
+    """One step of ``mode``; call i takes ``batches[i % len(batches)]``, the trainer's call."""
+    calls = itertools.count()
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def fwd() -> None:
-        ids = torch.randint(vocab, (batch, length), device=device)
+        b = batches[next(calls) % len(batches)]
         with torch.no_grad(), autocast():
-            model(ids)
+            model(b["input_ids"], seq_idx=b["seq_idx"])
 
     def fwd_bwd() -> None:
-        ids = torch.randint(vocab, (batch, length + 1), device=device)
+        b = batches[next(calls) % len(batches)]
         with autocast():
-            out = model(ids[:, :-1])
-        (lm_loss(out.logits, ids[:, 1:]) + out.aux_loss).backward()
+            out = model(b["input_ids"], seq_idx=b["seq_idx"])
+        (lm_loss(out.logits, b["labels"]) + out.aux_loss).backward()
         model.zero_grad(set_to_none=True)
 
     model.train(mode == "fwd+bwd")
@@ -198,8 +237,9 @@ def measure_cell(
         device: where the model lives.
 
     Returns:
-        The record: status ``ok`` with tokens/s, ms/step, peak MiB and TFLOP/s, or ``error``
-        with the exception's text; batch and FLOPs per token in both cases.
+        The record: status ``ok`` with tokens/s, ms/step, peak MiB, TFLOP/s and the mean
+        documents per row of its batches, or ``error`` with the exception's text; batch and
+        FLOPs per token in both cases.
     """
     batch = max(1, args.tokens_per_step // length)
     flops = subject.flops[length]
@@ -214,7 +254,10 @@ def measure_cell(
         "flops_per_token": per_token,
     }
     try:
-        step = make_step(subject.model, mode, batch, length, device)
+        count = args.warmup + 1 + args.repeats  # a fresh batch for every step
+        batches = read_batches(subject.cfg, batch, length, count, device)
+        row["documents_per_row"] = documents_per_row(batches)
+        step = make_step(subject.model, mode, batches, device)
         for _ in range(args.warmup):
             step()
         peak = peak_bytes(step, device)
@@ -501,6 +544,11 @@ def _settings(
         "quick": args.quick,
         "seed": args.seed,
         "baseline": baseline,
+        "inputs": (
+            "packed-document batches of each config's data section from the trainer's reader"
+            " (reader_config + build_reader, seed train.seed, seq_len = length); the model gets"
+            " input_ids and seq_idx as in Trainer._forward_backward, the loss the batch's labels"
+        ),
     }
 
 
@@ -510,6 +558,7 @@ def _model_info(s: Subject) -> dict[str, Any]:
         "family": s.cfg.model.family,
         "params": sum(p.numel() for p in s.model.parameters()),
         "kernel_backends": s.backends,
+        "data_sources": [src.label for src in s.cfg.data.sources],
         "forward_flops_by_component": {str(L): f.components for L, f in s.flops.items()},
     }
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.benchmark_scripts import load_benchmark
 
@@ -32,9 +33,14 @@ def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
     cells = [(r["config"], r["length"], r["mode"]) for r in data["results"]]
     expected = {(n, length, mode) for n in names for length in (64, 128) for mode in bench.MODES}
     assert sorted(cells) == sorted(expected)
+    assert "seq_idx" in data["settings"]["inputs"]
+    assert all(m["data_sources"] == ["chaining"] for m in data["models"].values())
     for row in data["results"]:
         assert row["status"] == "ok", row
         assert row["batch"] == 256 // row["length"]
+        assert row["documents_per_row"] >= 1, row
+        if row["length"] == 128:  # the chaining task packs several problems into such a row
+            assert row["documents_per_row"] > 1, row
         for key in ("tokens_per_s", "ms_per_step", "flops_per_token"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["peak_mib"] > 0, row
@@ -50,15 +56,47 @@ def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
     assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_steps_take_the_trainers_packed_batches_with_seq_idx() -> None:
+    """Each step calls the model as the trainer does: the reader's input_ids and seq_idx of
+    packed documents (more than one per row), a fresh batch per step."""
+    path = str(_CONFIGS / "transformer-29m.yaml")
+    subject = bench.build_subject(path, list(bench.QUICK_OVERRIDES), [128], torch.device("cpu"), 0)
+    batches = bench.read_batches(subject.cfg, 2, 128, 3, torch.device("cpu"))
+    assert len(batches) == 3
+    for b in batches:
+        assert b["input_ids"].shape == b["seq_idx"].shape == b["labels"].shape == (2, 128)
+        assert ((b["seq_idx"].diff(dim=1) != 0).sum(dim=1) >= 1).all()  # > 1 document per row
+    assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    assert bench.documents_per_row(batches) > 1
+
+    seen = []
+
+    def record(module, args, kwargs):  # noqa: ANN001, ANN202
+        seen.append((args[0], kwargs.get("seq_idx")))
+
+    handle = subject.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for mode in bench.MODES:
+            step = bench.make_step(subject.model, mode, batches, torch.device("cpu"))
+            for _ in range(4):
+                step()
+    finally:
+        handle.remove()
+    assert len(seen) == 8
+    for i, (ids, seq_idx) in enumerate(seen):
+        b = batches[i % 4 % 3]
+        assert ids is b["input_ids"] and seq_idx is b["seq_idx"]
+
+
 def test_failing_cell_is_recorded_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_step = bench.make_step
 
-    def failing_fwd_bwd(model, mode, batch, length, device):  # noqa: ANN001, ANN202
+    def failing_fwd_bwd(model, mode, batches, device):  # noqa: ANN001, ANN202
         if model.cfg.family == "hydra" and mode == "fwd+bwd":
             raise RuntimeError("simulated out of memory")
-        return make_step(model, mode, batch, length, device)
+        return make_step(model, mode, batches, device)
 
     monkeypatch.setattr(bench, "make_step", failing_fwd_bwd)
     configs = [str(_CONFIGS / "transformer-29m.yaml"), str(_CONFIGS / "hydra-29m.yaml")]

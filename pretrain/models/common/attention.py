@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import ChunkSummaries, document_ids
+from kernels.attention import ChunkSummaries
+from kernels.attention.causal import document_causal_attention
 from kernels.attention.op import sparse_global_attention
 from kernels.attention.ref import pool_chunk_sums, summary_block_width, visible_chunk_summaries
 from pretrain.models.common.layers import apply_rope, rope_angles
@@ -235,9 +236,12 @@ def _row_columns(row: torch.Tensor, start: int, width: int, fill: int) -> torch.
 class CausalSelfAttention(_AttentionBase):
     """Llama-style full causal attention (the Transformer baseline), documents kept apart.
 
-    Without ``seq_idx`` it is ``scaled_dot_product_attention(is_causal=True)`` (flash kernels where
-    available); with ``seq_idx`` a block-diagonal causal [B, 1, T, T] mask keeps documents apart,
-    which costs O(T^2) memory for the mask.
+    The op is ``kernels.attention.causal.document_causal_attention``. Without ``seq_idx`` it is
+    ``scaled_dot_product_attention(is_causal=True)`` (flash kernels where available). With
+    ``seq_idx`` (the trainer always passes it): FlexAttention with a document-causal mask on CUDA,
+    elsewhere query blocks of 512 rows, each over the keys up to its end under a [B, 1, 512, end]
+    mask, so no T x T mask is built. A context-parallel slice attends to the gathered keys of
+    every earlier position under a [B, T_slice, end] mask (``_keys_up_to_slice``).
     """
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -257,17 +261,7 @@ class CausalSelfAttention(_AttentionBase):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
             return out.transpose(1, 2)
-        seq_idx = context.seq_idx
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, K]
-        if seq_idx is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            B, T = seq_idx.shape
-            doc = document_ids(seq_idx, B, T, q.device)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = causal & (doc[:, :, None] == doc[:, None, :])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return document_causal_attention(q, k, v, context.seq_idx)
 
     def _keys_up_to_slice(
         self, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
