@@ -58,8 +58,8 @@ V vocab):
   head     8 (token ids) + 2 f D + f (final norm) + b D (head input) + f V (the loss's fp32
            log-softmax) + 8 (labels)                                                  once
   workspace, pkm: measured at the model's widths (``measure_path_bytes_per_token``), no closed form.
-Per row and layer, on top of T x the above (S = ceil(L / summary_chunk) summaries, w window):
-  summaries (L > w)        T 2 (8 + f Hkv Kh) (k and v pooled in fp32) + S (2 b Hkv Kh + 8)
+Per row and layer, on top of T x the above (S = (L - 1) // summary_chunk summaries, w window):
+  summaries (L > w)        T (8 + 2 f Hkv Kh) (k and v pooled in fp32) + S (2 b Hkv Kh + 8)
   CP attention frame       (w - 1) (2 b Hq Kh + 2 b Hkv Kh + f Hq)   (q, k, v, out, lse of the halo)
   CP SSM state correction  T (2 f H + f)   (the decays [T, H] twice, the first-document mask)
                            + f H P N (r + 1) + [r >= 2] f cp (H P N + H)   (the folded states,
@@ -420,8 +420,8 @@ def row_extra_bytes(
     hkv = a.n_kv_heads or hq
     attention = 0.0
     if a.n_global > 0 and length > a.window:
-        n_sum = -(-length // a.summary_chunk)
-        pooling = t * 2 * (8 + f * hkv * kh)  # k and v pooled in fp32, the chunk index
+        n_sum = (length - 1) // a.summary_chunk  # visible_chunk_summaries' slots
+        pooling = t * (8 + 2 * f * hkv * kh)  # k and v pooled in fp32, one shared gather index
         attention += pooling + n_sum * (2 * b * hkv * kh + 8)  # + the summaries' k, v, counts
     if cp == 1:
         return {"attention": attention, "ssm": 0.0}
