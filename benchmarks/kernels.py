@@ -18,8 +18,8 @@ For each case ``floor_ms = max(flops / matmul rate, bytes / copy bandwidth)`` wi
 counted per op below, and ``pct_floor = floor_ms / ms``: 100% means the kernel runs at the floor.
 
 A backend that cannot run (package not importable, no CUDA, Triton on CPU without
-``--interpret``) is skipped with its reason; one that fails is reported with its error. Neither
-stops the run.
+``--interpret``, FlexAttention's backward on CPU, where only its eager forward runs) is skipped
+with its reason; one that fails is reported with its error. Neither stops the run.
 """
 
 from __future__ import annotations
@@ -451,6 +451,27 @@ def _via_dispatch(op: str, module: str, name: str, backend: str) -> Loader:
     return load
 
 
+def _flex(target: Target) -> Callable[..., Any]:
+    """FlexAttention through the dispatch; on CPU its forward runs eagerly, so time that.
+
+    ``backend_problem`` rejects flex on CPU because training needs the backward, which torch does
+    not implement there: fwd+bwd is skipped with that reason when the inputs require grad.
+    """
+    if target.device.type == "cuda":
+        return _via_dispatch(
+            "attention", "kernels.attention.op", "sparse_global_attention", "flex"
+        )(target)
+    _import("torch.nn.attention.flex_attention", "flex_attention")
+    fn = _import("kernels.attention.op", "sparse_global_attention")
+
+    def forward_only(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+            raise Unavailable("FlexAttention has no backward on CPU (fwd+bwd needs CUDA)")
+        return fn(*args, backend="flex", **kwargs)
+
+    return forward_only
+
+
 def _grouped_mm(target: Target) -> Callable[..., Any]:
     for module in ("kernels.moe.grouped", "kernels.moe.ref", "kernels.moe"):
         try:
@@ -498,9 +519,7 @@ BACKENDS: dict[str, dict[str, Loader]] = {
     },
     "attention": {
         "torch": _reference("kernels.attention.ref", "sparse_global_attention"),
-        "flex": _via_dispatch(
-            "attention", "kernels.attention.op", "sparse_global_attention", "flex"
-        ),
+        "flex": _flex,
         "flash_attn": _via_dispatch(
             "attention", "kernels.attention.op", "sparse_global_attention", "flash_attn"
         ),

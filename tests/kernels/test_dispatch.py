@@ -20,11 +20,10 @@ import kernels.attention.flash as flash_mod
 import kernels.ssd.op as ssd_op
 from kernels.attention.op import sparse_global_attention
 from kernels.attention.ref import build_chunk_summaries, sparse_global_attention_dense_ref
-from kernels.backends import BackendUnavailableError, select_backends
+from kernels.backends import BACKENDS, BackendUnavailableError, select_backends
 from kernels.moe.op import moe_experts
 from kernels.moe.ref import grouped_mm_problem, moe_experts_loop_ref
 from kernels.pkm.op import pkm_lookup
-from kernels.pkm.ref import pkm_lookup_ref
 from kernels.ssd.op import ssd_scan
 from kernels.ssd.ref import ssd_scan_chunked, ssd_scan_sequential
 from pretrain.models.common.documents import positions_in_document
@@ -54,12 +53,28 @@ def _ssd_inputs(b=2, T=23, H=4, P=4, G=2, N=8, dtype=torch.float64, seed=0):
     return x, dt, A, B, C, h0, seq_idx
 
 
+def _ssd_value_and_grads(fn, x, dt, A, B, C, h0, seq_idx):
+    """(y, final state) and the gradients of x, dt, A, B, C, h0 for random cotangents of both."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, dt, A, B, C, h0)]
+    y, h = fn(*leaves, seq_idx)
+    g = _gen(98)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    return (y.detach(), h.detach()), torch.autograd.grad(loss, leaves)
+
+
 def test_ssd_torch_dispatch_equals_the_sequential_definition() -> None:
-    x, dt, A, B, C, h0, seq_idx = _ssd_inputs()
-    y, h = ssd_scan(x, dt, A, B, C, 8, initial_state=h0, seq_idx=seq_idx, backend="torch")
-    y_ref, h_ref = ssd_scan_sequential(x, dt, A, B, C, h0, seq_idx)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    # chunk 8 over T=23: a partial last chunk, and documents that start inside chunks
+    def torch_path(x, dt, A, B, C, h0, seq_idx):
+        return ssd_scan(x, dt, A, B, C, 8, initial_state=h0, seq_idx=seq_idx, backend="torch")
+
+    inputs = _ssd_inputs(seed=11)
+    out_ref, g_ref = _ssd_value_and_grads(ssd_scan_sequential, *inputs)
+    out, g = _ssd_value_and_grads(torch_path, *inputs)
+    for name, a, b in zip(("y", "final state"), out, out_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "h0"), g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
 
 
 def test_ssd_triton_dispatch_routes_and_reports_a_missing_module(monkeypatch) -> None:
@@ -153,8 +168,10 @@ def test_mamba_ssm_loads_without_its_package_init_and_maps_arguments(fake_mamba)
     y, h = ssd_scan(x, dt, A, B, C, 8, initial_state=h0, seq_idx=seq_idx, backend="mamba_ssm")
     assert "mamba_ssm.ops.triton.ssd_combined" in sys.modules
     assert sys.modules["mamba_ssm"].__doc__.startswith("Stand-in")
-    y_ref, h_ref = ssd_scan_chunked(x, dt, A, B, C, 8, initial_state=h0, seq_idx=seq_idx)
+    as64 = [t.double() for t in (x, dt, A, B, C, h0)]
+    y_ref, h_ref = ssd_scan_sequential(*as64, seq_idx)
     assert y.dtype == x.dtype and h.dtype == torch.float32
+    y_ref, h_ref = y_ref.float(), h_ref.float()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
@@ -170,15 +187,29 @@ def test_mamba_ssm_missing_is_a_clear_error(monkeypatch) -> None:
 # ------------------------------------------------------------------------------------ pkm
 
 
-def test_pkm_dispatch() -> None:
-    g = _gen(1)
+def _pkm_gather_ref(values, indices, weights):
+    """The bag by indexing and a sum (the torch backend is ``F.embedding_bag``, not this)."""
+    return (weights[..., None] * values[indices]).sum(1)
+
+
+def test_pkm_torch_dispatch_equals_gather_and_sum() -> None:
+    g = _gen(12)
     values = torch.randn(50, 6, generator=g, dtype=torch.float64)
     indices = torch.randint(0, 50, (7, 5), generator=g)
+    indices[0, 1], indices[3] = indices[0, 0], indices[2]  # a row twice in a bag and across bags
     weights = torch.rand(7, 5, generator=g, dtype=torch.float64)
-    out = pkm_lookup(values, indices, weights, backend="torch")
-    manual = (weights[..., None] * values[indices]).sum(1)
-    torch.testing.assert_close(out, manual, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out, pkm_lookup_ref(values, indices, weights), rtol=0, atol=0)
+    grad_out = torch.randn(7, 6, generator=g, dtype=torch.float64)
+
+    def value_and_grads(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (values, weights)]
+        out = fn(leaves[0], indices, leaves[1])
+        return out.detach(), torch.autograd.grad((out * grad_out).sum(), leaves)
+
+    out_ref, g_ref = value_and_grads(_pkm_gather_ref)
+    out, grads = value_and_grads(lambda v, i, w: pkm_lookup(v, i, w, backend="torch"))
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("values", "weights"), grads, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
     with pytest.raises(ValueError, match="unknown pkm backend"):
         pkm_lookup(values, indices, weights, backend="flex")
 
@@ -232,11 +263,11 @@ def test_moe_grouped_mm_follows_autocast() -> None:
     x, idx, w, w1, w3, w2 = _moe_inputs(9, 2, 4, 16, 24, [0, 1, 3], torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe_experts(x, idx, w, w1, w3, w2, backend="grouped_mm")
-        y_torch = moe_experts(x, idx, w, w1, w3, w2, backend="torch")
     assert y.dtype == torch.float32  # bf16 expert outputs combined with fp32 weights
-    torch.testing.assert_close(y, y_torch, rtol=2e-2, atol=2e-2)  # both ran bf16 matmuls
+    y_ref = moe_experts_loop_ref(x.double(), idx, w.double(), w1.double(), w3.double(), w2.double())
+    torch.testing.assert_close(y, y_ref.float(), rtol=2e-2, atol=2e-2)  # bf16 matmul rounding
     y32 = moe_experts(x, idx, w, w1, w3, w2, backend="grouped_mm")
-    assert not torch.equal(y, y32)
+    assert not torch.equal(y, y32)  # autocast did run the matmuls in bf16
 
 
 def _fake_megablocks(monkeypatch) -> list[str]:
@@ -324,25 +355,36 @@ ATTN_CASES = [  # window, summary chunk, n_global, packed
 @pytest.mark.filterwarnings(FLEX_EAGER)
 @pytest.mark.parametrize("window,chunk,n_global,packed", ATTN_CASES)
 @pytest.mark.parametrize("backend", ["torch", "flex"])
-def test_attention_forward_equals_dense_reference(backend, window, chunk, n_global, packed):
-    q, k, v, seq_idx = _attention_inputs()
+def test_attention_equals_dense_reference(backend, window, chunk, n_global, packed):
+    q, k, v, seq_idx = _attention_inputs(seed=window + chunk + n_global)
     seq_idx = seq_idx if packed else None
-    summaries = _summaries(k, v, seq_idx, chunk)
-    kwargs = {"window": window, "n_global": n_global, "seq_idx": seq_idx}
-    ref = sparse_global_attention_dense_ref(q, k, v, summaries, **kwargs)
-    out = sparse_global_attention(q, k, v, summaries, backend=backend, **kwargs)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    kwargs = {"window": window, "n_global": n_global}
+    if backend == "flex":  # FlexAttention has no backward on CPU: the forward only
+        summaries = _summaries(k, v, seq_idx, chunk)
+        ref = sparse_global_attention_dense_ref(q, k, v, summaries, seq_idx=seq_idx, **kwargs)
+        out = sparse_global_attention(q, k, v, summaries, seq_idx=seq_idx, backend="flex", **kwargs)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        return
+    out_ref, g_ref = _attention_grads(
+        sparse_global_attention_dense_ref, q, k, v, seq_idx, chunk, **kwargs
+    )
+    blocked = lambda *a, **kw: sparse_global_attention(*a, backend="torch", **kw)  # noqa: E731
+    out, g = _attention_grads(blocked, q, k, v, seq_idx, chunk, **kwargs)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip("qkv", g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
 
 
 @pytest.mark.filterwarnings(FLEX_EAGER)
 def test_flex_without_summaries_and_fp32() -> None:
-    q, k, v, seq_idx = (t.float() if t.is_floating_point() else t for t in _attention_inputs())
-    out = sparse_global_attention(q, k, v, None, window=6, n_global=2, seq_idx=seq_idx)
+    q, k, v, seq_idx = _attention_inputs(seed=13)
+    ref = sparse_global_attention_dense_ref(q, k, v, None, window=6, n_global=2, seq_idx=seq_idx)
+    q, k, v = q.float(), k.float(), v.float()
     flex = sparse_global_attention(
         q, k, v, None, window=6, n_global=2, seq_idx=seq_idx, backend="flex"
     )
     assert flex.dtype == torch.float32
-    torch.testing.assert_close(flex, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex, ref.float(), rtol=1e-5, atol=1e-5)  # fp32 rounding
 
 
 def _flash_varlen_stand_in(
@@ -424,6 +466,14 @@ def test_attention_unknown_or_missing_backend(monkeypatch) -> None:
 # ---------------------------------------------------------------------------------- model
 
 
+def _backends_by_op(model: torch.nn.Module) -> dict[str, set[str]]:
+    by_op: dict[str, set[str]] = {}
+    for module in model.modules():
+        if hasattr(type(module), "kernel_op"):
+            by_op.setdefault(module.kernel_op, set()).add(module.kernel_backend)
+    return by_op
+
+
 @pytest.mark.filterwarnings(FLEX_EAGER)
 def test_select_and_apply_backends_on_a_model() -> None:
     model = build_from_config("hydra-tiny.yaml").eval()
@@ -431,27 +481,23 @@ def test_select_and_apply_backends_on_a_model() -> None:
     seq_idx = torch.tensor([[0] * 50 + [1] * 30, [0] * 80])
     with torch.no_grad():
         before = model(ids, seq_idx=seq_idx).logits
+    all_torch = {"ssd": {"torch"}, "pkm": {"torch"}, "moe": {"torch"}, "attention": {"torch"}}
+    assert _backends_by_op(model) == all_torch  # the default
 
-    # what the trainer does: resolve the config's request, then point the modules at it
-    chosen = select_backends({"ssd": "auto", "pkm": "auto", "moe": "auto"}, "cpu")
-    apply_kernel_backends(model, chosen)
-    with torch.no_grad():
-        assert torch.equal(model(ids, seq_idx=seq_idx).logits, before)
-
+    # the model built on the torch backend is the reference of the other CPU backends here (each
+    # op's torch path is checked against an independent reference by the tests above)
     apply_kernel_backends(model, {"moe": "grouped_mm", "attention": "flex"})
-    by_op: dict[str, set[str]] = {}
-    for module in model.modules():
-        if hasattr(type(module), "kernel_op"):
-            by_op.setdefault(module.kernel_op, set()).add(module.kernel_backend)
-    assert by_op == {
-        "ssd": {"torch"},
-        "pkm": {"torch"},
-        "moe": {"grouped_mm"},
-        "attention": {"flex"},
-    }
+    assert _backends_by_op(model) == all_torch | {"moe": {"grouped_mm"}, "attention": {"flex"}}
     with torch.no_grad():
         after = model(ids, seq_idx=seq_idx).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+    # what the trainer does: resolve the config's request (auto is torch on CPU), then point the
+    # modules at it; this also sets the ops that were pointed elsewhere back to torch
+    chosen = select_backends({"ssd": "auto", "pkm": "auto", "moe": "auto"}, "cpu")
+    assert chosen == dict.fromkeys(BACKENDS, "torch")
+    apply_kernel_backends(model, chosen)
+    assert _backends_by_op(model) == all_torch
 
     with pytest.raises(ValueError, match="auto"):
         apply_kernel_backends(model, {"ssd": "auto"})
