@@ -239,9 +239,10 @@ class CausalSelfAttention(_AttentionBase):
     The op is ``kernels.attention.causal.document_causal_attention``. Without ``seq_idx`` it is
     ``scaled_dot_product_attention(is_causal=True)`` (flash kernels where available). With
     ``seq_idx`` (the trainer always passes it): FlexAttention with a document-causal mask on CUDA,
-    elsewhere query blocks of 512 rows, each over the keys up to its end under a [B, 1, 512, end]
-    mask, so no T x T mask is built. A context-parallel slice attends to the gathered keys of
-    every earlier position under a [B, T_slice, end] mask (``_keys_up_to_slice``).
+    elsewhere query blocks of 1024 rows, each over the keys up to its end under a
+    [B, 1, 1024, end] mask, so no T x T mask is built beyond T = 1024. A context-parallel slice
+    attends to the gathered keys of every earlier position under a [B, T_slice, end] mask
+    (``_keys_up_to_slice``).
     """
 
     def flops_per_token(self, seq_len: int) -> float:
