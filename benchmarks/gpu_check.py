@@ -311,8 +311,8 @@ def ssd_checks(plan: Plan, device: torch.device) -> list[Check]:
             )
     if plan.ssd_long is not None:
         d, width = plan.ssd_long, plan.long_width
-        dims = dataclasses.asdict(d) | {"row_width": width, "offsets_past_int32": False}
-        dims["offsets_past_int32"] = d.b * d.T * width - 1 > INT32_MAX
+        past_int32 = d.b * d.T * width - 1 > INT32_MAX
+        dims = dataclasses.asdict(d) | {"row_width": width, "offsets_past_int32": past_int32}
         checks.append(
             Check(
                 f"ssd long T={d.T} (wide rows) float32",

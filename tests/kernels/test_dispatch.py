@@ -365,14 +365,7 @@ def test_attention_equals_dense_reference(backend, window, chunk, n_global, pack
         out = sparse_global_attention(q, k, v, summaries, seq_idx=seq_idx, backend="flex", **kwargs)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         return
-    out_ref, g_ref = _attention_grads(
-        sparse_global_attention_dense_ref, q, k, v, seq_idx, chunk, **kwargs
-    )
-    blocked = lambda *a, **kw: sparse_global_attention(*a, backend="torch", **kw)  # noqa: E731
-    out, g = _attention_grads(blocked, q, k, v, seq_idx, chunk, **kwargs)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    for name, a, b in zip("qkv", g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+    _assert_backend_matches_dense_ref("torch", q, k, v, seq_idx, chunk, **kwargs)
 
 
 @pytest.mark.filterwarnings(FLEX_EAGER)
@@ -416,6 +409,26 @@ def _flash_varlen_stand_in(
     return out
 
 
+def _assert_backend_matches_dense_ref(
+    backend: str,
+    q,
+    k,
+    v,
+    seq_idx,
+    chunk: int,
+    **kwargs,  # noqa: ANN001
+) -> None:
+    """Output and q/k/v gradients of ``backend`` equal the dense reference's (fp64, 1e-10)."""
+    out_ref, g_ref = _attention_grads(
+        sparse_global_attention_dense_ref, q, k, v, seq_idx, chunk, **kwargs
+    )
+    on_backend = lambda *a, **kw: sparse_global_attention(*a, backend=backend, **kw)  # noqa: E731
+    out, g = _attention_grads(on_backend, q, k, v, seq_idx, chunk, **kwargs)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip("qkv", g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
 def _attention_grads(fn, q, k, v, seq_idx, chunk, **kwargs):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     summaries = _summaries(leaves[1], leaves[2], seq_idx, chunk)  # grads reach k, v through them
@@ -431,14 +444,7 @@ def test_flash_path_with_stand_in_kernel_matches_forward_and_backward(
     monkeypatch.setattr(flash_mod, "_load_flash_varlen", lambda: _flash_varlen_stand_in)
     q, k, v, seq_idx = _attention_inputs()
     kwargs = {"window": window, "n_global": n_global}
-    out_ref, g_ref = _attention_grads(
-        sparse_global_attention_dense_ref, q, k, v, seq_idx, chunk, **kwargs
-    )
-    flash = lambda *a, **kw: sparse_global_attention(*a, backend="flash_attn", **kw)  # noqa: E731
-    out, g = _attention_grads(flash, q, k, v, seq_idx, chunk, **kwargs)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    for name, a, b in zip("qkv", g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+    _assert_backend_matches_dense_ref("flash_attn", q, k, v, seq_idx, chunk, **kwargs)
 
 
 def test_flash_lse_gradient_is_needed(monkeypatch) -> None:
