@@ -5,11 +5,15 @@ With no launcher variables everything degrades to one process and no process gro
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
+import logging
 import os
+import sys
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -112,3 +116,31 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``; after a process group, without interpreter finalization.
+
+    A gloo worker thread can hold the last reference to a tensor of a collective that has already
+    completed; freeing it takes the GIL (the tensor's Python object is kept alive by C++). If that
+    happens while the interpreter finalizes, CPython ends the thread by a forced unwind that
+    crosses a ``noexcept`` C++ frame, and a rank that finished everything aborts ("terminate
+    called without an active exception", SIGABRT), which torchrun reports as a failed run (seen
+    once, in a 4-rank test on a loaded CI machine, after every result was written). So after a process group we do the
+    useful part of the exit here, while the interpreter is whole (join non-daemon threads, run
+    ``atexit`` handlers, flush logs and streams), and leave with ``os._exit``. A process that
+    never started a process group exits the ordinary way.
+    """
+    if launcher_world_size() <= 1:
+        sys.exit(code)
+    # What Py_Finalize does first: stop executors' workers, join non-daemon threads (the
+    # tracker's writer), then the atexit handlers (MLflow's close).
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
