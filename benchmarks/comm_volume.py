@@ -69,14 +69,14 @@ def _measure_rank(rank: int, world: int, d_model: int, moe: dict, seq_len: int, 
     (y.square().mean() + aux).backward()
     layer.after_optimizer_step(stepped=True)
     routing = layer.route(x.detach())
-    tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)
+    tok_expert = routing.expert_idx  # [N, k]
     n_local = moe["n_experts"] // world
     to_rank = torch.bincount((tok_expert // n_local).flatten(), minlength=world)  # [world]
     table = [torch.zeros_like(to_rank) for _ in range(world)]
     torch.distributed.all_gather(table, to_rank)  # table[src][dst]: rows src sends to dst
     sent = int(to_rank.sum() - to_rank[rank])
     received = int(sum(table[src][rank] for src in range(world) if src != rank))
-    segments = int(routing.expert_idx.numel())  # one run per (unit, expert)
+    segments = int(routing.expert_idx[routing.counted].numel())  # one run per (unit, expert)
     if rank == 0:
         result = {
             "bytes": dict(mesh.comm.bytes),

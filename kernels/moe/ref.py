@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+from kernels.moe.grouped_mm import TORCH_GROUPED_MM, grouped_mm_traceable
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -99,8 +100,24 @@ def sort_by_expert(
     order = torch.argsort(flat_expert, stable=True)
     token_of_pair = order // expert_idx.shape[1]
     weight_of_pair = weights.reshape(-1).index_select(0, order)
-    counts = torch.bincount(flat_expert, minlength=n_experts)
-    return token_of_pair, weight_of_pair, counts
+    return token_of_pair, weight_of_pair, expert_counts(expert_idx, n_experts)
+
+
+def expert_counts(
+    expert_idx: torch.Tensor, n_experts: int, token_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[E] (token, slot) pairs per expert, each token's pairs counted ``token_weight`` [n] times
+    (default once: int64 counts; else in the weight's dtype).
+
+    A scatter-add rather than ``bincount``, whose length depends on the largest index: the shape
+    is static, so the op traces into a compiled graph without a host sync.
+    """
+    flat = expert_idx.reshape(-1)
+    if token_weight is None:
+        ones = torch.ones_like(flat)
+    else:
+        ones = token_weight[:, None].expand(expert_idx.shape).reshape(-1)
+    return ones.new_zeros(n_experts).index_add_(0, flat, ones)
 
 
 def swiglu_experts_loop(
@@ -207,7 +224,7 @@ def grouped_mm_problem(x: torch.Tensor, w1: torch.Tensor) -> str | None:
     ``grouped_mm`` needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes, i.e.
     D and F multiples of 4 (fp32) or 8 (bf16/fp16).
     """
-    if _GROUPED_MM is None:
+    if TORCH_GROUPED_MM is None:
         return "this torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
     if x.dtype not in _GROUPED_MM_DTYPES:
         return f"grouped_mm supports {_GROUPED_MM_DTYPES}, got {x.dtype}"
@@ -270,7 +287,11 @@ def swiglu_experts_grouped_mm(
         return swiglu_experts_loop(x_sorted, counts, *(w.to(x_sorted.dtype) for w in (w1, w3, w2)))
     offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice; empty slices allowed
     w1, w3, w2 = (w.to(x_sorted.dtype) for w in (w1, w3, w2))
-    hidden = F.silu(_GROUPED_MM(x_sorted, w1, offs=offs)) * _GROUPED_MM(x_sorted, w3, offs=offs)
+    if x_sorted.is_cuda:
+        gmm = TORCH_GROUPED_MM
+    else:  # the same CPU kernel, behind an op whose shapes trace in fp32 too (see grouped_mm.py)
+        gmm = grouped_mm_traceable
+    hidden = F.silu(gmm(x_sorted, w1, offs=offs)) * gmm(x_sorted, w3, offs=offs)
     # grouped_mm's backward rejects zero-stride gradients (e.g. from y.sum()); the gradient that
     # reaches it here is always dense because combine_pairs multiplies by the per-pair weights
-    return _GROUPED_MM(hidden, w2, offs=offs)  # [M, D]
+    return gmm(hidden, w2, offs=offs)  # [M, D]

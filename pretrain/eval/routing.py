@@ -74,14 +74,13 @@ class RoutingRecorder:
             route_kw = {k: v for k, v in kwargs.items() if k not in ("seq_idx", "context")}
             seq_idx = args[1] if len(args) > 1 else kwargs.get("seq_idx")
             routing = moe.route(args[0], seq_idx, context=kwargs.get("context"), **route_kw)
-            n_units = routing.expert_idx.shape[0]
-            unit_label = torch.full((n_units,), -1, dtype=torch.long, device=args[0].device)
-            unit_label.scatter_reduce_(
-                0, routing.unit_of_token, self.labels.reshape(-1), reduce="amax"
-            )
+            # labels are per document and a unit never spans two: its first token's is its own
+            units = routing.counted
+            unit_label = self.labels.reshape(-1)[units]
+            unit_expert = routing.expert_idx[units, 0]
             keep = unit_label >= 0
             n_exp = moe.cfg.n_experts
-            flat = unit_label[keep] * n_exp + routing.expert_idx[keep, 0]
+            flat = unit_label[keep] * n_exp + unit_expert[keep]
             table = torch.bincount(flat, minlength=self.n_labels * n_exp)
             table = table.reshape(self.n_labels, n_exp).cpu()
             self.counts[layer] = self.counts.get(layer, 0) + table

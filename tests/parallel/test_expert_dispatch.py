@@ -85,7 +85,7 @@ def _check_counted_bytes(
     dispatch and combine-backward send this rank's rows away, combine and dispatch-backward
     send back the rows it received."""
     routing = moe.route(x.detach())
-    owner = routing.expert_idx.index_select(0, routing.unit_of_token) // (4 // world)
+    owner = routing.expert_idx // (4 // world)  # [N, k] rank of each token's experts
     to_rank = torch.bincount(owner.flatten(), minlength=world)
     table = [torch.zeros_like(to_rank) for _ in range(world)]
     dist.all_gather(table, to_rank)

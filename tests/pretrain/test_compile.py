@@ -1,24 +1,34 @@
 """No graph breaks and no host syncs in the blocks ``train.compile=true`` compiles.
 
-Each family's blocks are compiled with ``fullgraph=True`` (a graph break or a host sync that
-decides a shape raises) and a packed batch runs forward and backward through them, with the
-results of the eager model. ``backend="eager"`` traces with Dynamo without Inductor's code
-generation, so this checks the tracing, quickly, not the generated code.
+Every family's blocks, every path switched on (MoE and workspace included), are compiled with
+``fullgraph=True`` (a graph break, or a host sync that decides a shape, raises) and a packed
+batch runs forward and backward through them, with the results of the eager model: logits,
+every gradient, and the expert load the MoE layers record (counted once per forward, as in
+eager). ``backend="eager"`` traces with Dynamo without Inductor's code generation, so this checks
+the tracing, quickly, not the generated code; ``test_trainer_compile.py`` trains with Inductor.
 
-Not yet covered (and so not tested here): blocks with an MoE (the load count is recorded
-eagerly, outside the graph, and CPU ``grouped_mm`` traces only in bf16). The workspace and the
-sparse global attention are compiled alone in their own tests (``test_workspace.py``,
-``tests/kernels/test_static_summaries.py``), since every Hydra block that has them has an MoE.
+The MoE runs on ``kernels.moe=grouped_mm`` (what ``auto`` picks on a GPU): the ``torch`` expert
+loop needs each expert's row count on the host, one graph break per MoE layer.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+from pretrain.models.kernel_backends import apply_kernel_backends
 from tests.pretrain.model_helpers import SHRINK, build_from_config, random_tokens
 
 T = 160
+
+CONFIGS = {
+    "transformer": ("transformer-29m.yaml",),
+    "mamba2": ("mamba2-29m.yaml",),
+    "hydra": ("hydra-tiny.yaml",),  # SSM, sparse global attention, MoE, workspace, PKM
+    "attamba": ("attamba-tiny.yaml", "model.moe.enabled=true", "model.attamba.use_moe=true"),
+    "dreamer": ("dreamer-tiny.yaml",),  # one shared layer looped over depth
+}
 
 
 def _packed(batch: int) -> torch.Tensor:
@@ -28,32 +38,42 @@ def _packed(batch: int) -> torch.Tensor:
     return seq_idx
 
 
-@pytest.mark.parametrize(
-    "name, blocks",
-    [
-        ("transformer-29m.yaml", None),
-        ("mamba2-29m.yaml", None),
-        ("attamba-tiny.yaml", None),
-        # hydra-tiny's blocks without MoE or workspace: SSM + FFN, SSM + FFN + PKM (its attention
-        # is compiled alone in tests/kernels/test_static_summaries.py)
-        ("hydra-tiny.yaml", ("0", "2")),
-    ],
-)
-def test_blocks_compile_fullgraph_and_match_eager(name: str, blocks: tuple | None) -> None:
-    model = build_from_config(name, *SHRINK.get(name, ()))
+def _expert_load(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buf.clone() for name, buf in model.named_buffers() if name.endswith("per_expert")
+    }
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_blocks_compile_fullgraph_and_match_eager(family: str) -> None:
+    name, *overrides = CONFIGS[family]
+    model = build_from_config(name, *overrides, *SHRINK.get(name, ()))
+    apply_kernel_backends(model, {"moe": "grouped_mm"})
     model.train()
     ids, seq_idx = random_tokens(model, 2, T), _packed(2)
     eager = model(ids, seq_idx).logits
     eager.square().mean().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    eager_load = _expert_load(model)
     model.zero_grad(set_to_none=True)
+    for buf in eager_load:
+        model.get_buffer(buf).zero_()
 
-    chosen = [model.blocks[b] for b in blocks] if blocks else list(model.blocks.values())
-    for block in chosen:
+    torch._dynamo.reset()  # blocks of other families share code objects: start from no cache
+    counters.clear()
+    for block in model.blocks.values():
         block.compile(fullgraph=True, backend="eager")
     compiled = model(ids, seq_idx).logits
     compiled.square().mean().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did go through Dynamo
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert eager_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
         if n in eager_grads:
             torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    load = _expert_load(model)
+    assert (family in ("hydra", "attamba", "dreamer")) == bool(load)
+    for buf, counts in eager_load.items():
+        assert counts.sum() > 0
+        torch.testing.assert_close(load[buf], counts, rtol=0, atol=0, msg=buf)

@@ -112,13 +112,16 @@ def test_chunk_routing_depends_only_on_first_token() -> None:
     rest = moe.route(x_rest)
     assert torch.equal(rest.expert_idx, base.expert_idx)
     assert torch.equal(rest.weights, base.weights)
-    assert base.expert_idx.shape == (3 * 4, 2)
+    # one decision per token, one counted unit per chunk (its first token)
+    assert base.expert_idx.shape == (3 * 16, 2)
+    assert torch.equal(base.counted, first.repeat(3))
     # the rule is not vacuous: moving the first tokens changes some chunk's experts
     x_first = x.clone()
     x_first[:, first] = 10 * torch.randn_like(x_first[:, first])
     assert not torch.equal(moe.route(x_first).expert_idx, base.expert_idx)
-    # and every token of a chunk uses its chunk's unit
-    assert torch.equal(base.unit_of_token, torch.arange(48) // 4)
+    # and every token of a chunk carries its chunk's decision
+    per_chunk = base.expert_idx.view(3 * 4, 4, 2)
+    assert torch.equal(per_chunk, per_chunk[:, :1].expand_as(per_chunk))
 
 
 @pytest.mark.parametrize("routing", ["chunk", "token"])
@@ -146,18 +149,20 @@ def test_aux_loss_values_and_gradients() -> None:
     x = torch.randn(2, 12, D, dtype=torch.float64)
     routing = moe.route(x)
     _, aux = moe(x)
-    probs = routing.logits.softmax(-1)
-    frac = (
-        torch.bincount(routing.expert_idx.flatten(), minlength=5).double()
-        / routing.expert_idx.numel()
-    )
+    units = routing.counted  # one token per chunk: the units the statistics average over
+    assert units.sum() == 2 * 3
+    probs = routing.logits[units].softmax(-1)
+    chosen = routing.expert_idx[units]
+    frac = torch.bincount(chosen.flatten(), minlength=5).double() / chosen.numel()
     torch.testing.assert_close(aux, 0.3 * 5 * (frac * probs.mean(0)).sum())
     aux.backward()
     assert moe.router.weight.grad.abs().sum() > 0
 
     moe = _moe(aux_loss_coef=0.0, z_loss_coef=0.1)
     _, aux = moe(x)
-    torch.testing.assert_close(aux, 0.1 * torch.logsumexp(moe.route(x).logits, -1).square().mean())
+    routing = moe.route(x)
+    z = torch.logsumexp(routing.logits[routing.counted], -1).square().mean()
+    torch.testing.assert_close(aux, 0.1 * z)
     aux.backward()
     assert moe.router.weight.grad.abs().sum() > 0
 

@@ -1,7 +1,7 @@
 """Chunk-level mixture of SwiGLU experts (dropless), with aux-loss and bias load balancing.
 
 Shape legend: B batch, T time, D d_model, E experts, k experts per routing unit, F expert hidden
-size (``cfg.d_expert``), C chunk size, N = B * T tokens, U routing units.
+size (``cfg.d_expert``), C chunk size, N = B * T tokens.
 
 A *routing unit* is a group of tokens that share one routing decision (k experts and k combine
 weights), made from the hidden state of the unit's FIRST token only:
@@ -10,6 +10,12 @@ weights), made from the hidden state of the unit's FIRST token only:
   like its documents run one by one, and a unit never mixes two documents. The first token of a
   unit is at or before every token of the unit, hence routing is causal.
 - ``routing="token"``: every token is its own unit.
+
+Shapes never depend on the packing (no ``nonzero``, no host sync), so a block compiles into one
+graph: every token is routed on its unit's first-token state (gathered per token), which gives
+each token of a unit the same decision, and a per-token mask (``MoERouting.counted``) marks the
+units' first tokens, the ones the balance statistics count. The router's cost is then per token,
+as ``flops_per_token`` counts it.
 
 Under context parallelism a unit that begins on an earlier rank's slice is routed on that
 first token too: every rank all-gathers the hidden state of its last unit start ([B, D] per rank
@@ -34,6 +40,8 @@ code imports nothing from ``torch.distributed``); both default to one process:
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -41,23 +49,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe.op import swiglu_experts
-from kernels.moe.ref import sorted_moe
+from kernels.moe.ref import expert_counts, sorted_moe
 from pretrain.models.common.selection import max_set_entropy_bits, set_entropy_bits
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import MoEConfig
 
 
 class MoERouting(NamedTuple):
-    """The routing decision of one forward (all float tensors in the router's fp32/fp64)."""
+    """The routing decision of one forward, per token (float tensors in the router's fp32/fp64).
 
-    unit_of_token: torch.Tensor  # [N] int64, routing unit of each flattened token (b * T + t)
-    expert_idx: torch.Tensor  # [U, k] int64, chosen experts of each unit
-    weights: torch.Tensor  # [U, k] combine weights of each unit (sum to 1 per unit)
-    logits: torch.Tensor  # [U, E] router logits
-    probs: torch.Tensor  # [U, E] router probabilities (sum to 1 per unit), for the balance loss
-    # [U] bool, units whose first token is on this rank (None: all); only these count in the
-    # balance statistics (a unit continued from an earlier context-parallel slice is not)
-    owned: torch.Tensor | None = None
+    Every token carries its unit's decision; ``counted`` marks one token per unit (its first), so
+    ``expert_idx[counted]`` are the units' choices.
+    """
+
+    expert_idx: torch.Tensor  # [N, k] int64, chosen experts of each token's unit
+    weights: torch.Tensor  # [N, k] combine weights (sum to 1 per token)
+    logits: torch.Tensor  # [N, E] router logits of each token's unit
+    probs: torch.Tensor  # [N, E] router probabilities (sum to 1 per token), for the balance loss
+    # [N] bool, the first token of every unit whose first token is on this rank: only these count
+    # in the balance statistics (a unit continued from an earlier context-parallel slice does not)
+    counted: torch.Tensor
 
 
 class ExpertDispatcher(Protocol):
@@ -131,8 +142,51 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward, e.g. an activation-checkpoint recompute of forward
-    (call it eagerly: see ``ChunkMoE._record_if_training``)."""
+    (call it eagerly: see ``record_expert_choices``)."""
     return torch._C._current_graph_task_id() != -1
+
+
+# The MoE layers that record their choices, by ``ChunkMoE.recorder_key`` (an opaque op takes
+# tensors, not modules). Weak: a layer that is gone leaves.
+_RECORDERS: weakref.WeakValueDictionary[int, ChunkMoE] = weakref.WeakValueDictionary()
+_recorder_ids = itertools.count()
+
+
+@torch.library.custom_op("hydra_pretrain::record_expert_choices", mutates_args=())
+def record_expert_choices(
+    expert_idx: torch.Tensor,
+    recorder_key: torch.Tensor,
+    n_experts: int,
+    depth_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """[E] counts of a training forward's [N, k] choices, after the layer kept them for its
+    metrics (``ChunkMoE.keep_selection``); zeros in an activation-checkpoint recompute.
+
+    An opaque op, so inside a compiled graph it is neither a graph break nor traced: the
+    recompute check runs at run time, every call (traced, it would be frozen to its value at
+    trace time, and a recompute would count the load twice). ``recorder_key``: the layer's
+    0-d CPU int64 key (a tensor, not an int, so that the layers of a model share one compiled
+    graph instead of one per layer); ``depth_index``: the depth of a layer looped over depth
+    (Dreamer's expert attention), else None.
+    """
+    if _in_backward():
+        return expert_idx.new_zeros(n_experts)
+    layer = _RECORDERS.get(int(recorder_key))
+    if layer is None:
+        raise RuntimeError(f"record_expert_choices: no MoE layer has key {int(recorder_key)}")
+    kw = {} if depth_index is None else {"depth_index": depth_index}
+    layer.keep_selection(expert_idx.clone(), **kw)  # a copy: a graph may reuse the buffer
+    return expert_counts(expert_idx, n_experts)
+
+
+@record_expert_choices.register_fake
+def _(
+    expert_idx: torch.Tensor,
+    recorder_key: torch.Tensor,
+    n_experts: int,
+    depth_index: torch.Tensor | None,
+) -> torch.Tensor:
+    return expert_idx.new_empty(n_experts)
 
 
 class ChunkMoE(nn.Module):
@@ -162,7 +216,18 @@ class ChunkMoE(nn.Module):
         self.register_buffer("step_load", torch.zeros(n_exp), persistent=False)
         # the [N, k] experts of the last training forward (selection-diversity metrics)
         self.last_selection: torch.Tensor | None = None
+        self._register_recorder()
         self.init_weights()
+
+    def _register_recorder(self) -> None:
+        key = next(_recorder_ids)
+        # a plain attribute, not a buffer: it stays on the CPU (also when built on meta)
+        self.recorder_key = torch.tensor(key, dtype=torch.int64, device="cpu")
+        _RECORDERS[key] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register_recorder()  # a copy records into itself, not into its original
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02) -> None:
@@ -190,7 +255,7 @@ class ChunkMoE(nn.Module):
             seq_idx: optional [B, T] int64 document index of each token (packed rows).
             context: the sequence context (replaces ``seq_idx``; places a context-parallel
                 slice in its rows).
-            route_kw: what a subclass's ``router_logits`` and ``_record_load`` need besides
+            route_kw: what a subclass's ``router_logits`` and ``_add_load`` need besides
                 the hidden states (Dreamer's expert attention: the depth); none here.
 
         Returns:
@@ -200,17 +265,15 @@ class ChunkMoE(nn.Module):
         """
         batch, seq_len, d_model = x.shape
         routing = self.route(x, context=resolve_context(x, seq_idx, context), **route_kw)
-        tok_expert = routing.expert_idx.index_select(0, routing.unit_of_token)  # [N, k]
-        tok_weight = routing.weights.index_select(0, routing.unit_of_token)  # [N, k]
         ex = self.experts
         y = sorted_moe(
             x.reshape(batch * seq_len, d_model),
-            tok_expert,
-            tok_weight,
+            routing.expert_idx,
+            routing.weights,
             (ex.w1, ex.w3, ex.w2),  # global shapes (DTensors under EP and FSDP) for the checks
             self._dispatched_experts,
         )
-        self._record_if_training(tok_expert, **route_kw)
+        self._record_if_training(routing.expert_idx, **route_kw)
         return y.reshape(batch, seq_len, d_model).to(x.dtype), self.aux_loss(routing)
 
     def _dispatched_experts(
@@ -245,34 +308,30 @@ class ChunkMoE(nn.Module):
             route_kw: passed to ``router_logits``.
 
         Returns:
-            The ``MoERouting`` (units numbered in row-major token order).
+            The ``MoERouting``, per token in row-major order.
         """
         batch, seq_len, d_model = x.shape
         context = resolve_context(x, seq_idx, context)
         starts = self.unit_starts(context.doc_pos)  # [B, T]
-        borrowed_rows = None
-        if context.split and self.cfg.routing == "chunk":
-            borrowed_rows = ~starts[:, 0]  # the row's first unit began on an earlier slice
-            carried = self._earlier_first_tokens(x, starts, context)  # [B, D]
-            starts = starts.clone()
-            starts[:, 0] = True
-        starts = starts.reshape(-1)  # [N]
-        # every row starts a unit (position 0), so unit ids are a running count
-        unit_of_token = starts.long().cumsum(0) - 1  # [N]
-        first_token = starts.nonzero().squeeze(1)  # [U]
-        x_units = x.reshape(batch * seq_len, d_model).index_select(0, first_token)  # [U, D]
-        owned = None
-        if borrowed_rows is not None:
-            row_unit = unit_of_token.view(batch, seq_len)[:, 0]  # [B] first unit of each row
-            borrowed = torch.zeros(x_units.shape[0], dtype=torch.bool, device=x.device)
-            borrowed = borrowed.index_copy(0, row_unit, borrowed_rows)
-            carried_units = torch.zeros_like(x_units).index_copy(0, row_unit, carried.to(x.dtype))
-            x_units = torch.where(borrowed[:, None], carried_units, x_units)
-            owned = ~borrowed
         # fp32 at least (fp64 in fp64 tests): routing decisions must not flip under bf16
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = self.router_logits(x_units.to(dtype), **route_kw)  # [U, E]
+            # every token's logits, then each token takes its unit's first token's: the router
+            # costs D E per token (as counted), and backward keeps no gathered [N, D] copy of x
+            logits = self.router_logits(x.reshape(-1, d_model).to(dtype), **route_kw)  # [N, E]
+            logits = logits.view(batch, seq_len, -1)
+            if self.cfg.routing == "chunk":
+                pos = torch.arange(seq_len, device=x.device)
+                # every token's unit start (0 for tokens before a row's first start: a unit
+                # that began on an earlier context-parallel slice, replaced below)
+                first_pos = torch.where(starts, pos, 0).cummax(dim=1).values  # [B, T]
+                logits = logits.gather(1, first_pos[..., None].expand_as(logits))
+                if context.split:
+                    carried = self._earlier_first_tokens(x, starts, context)  # [B, D]
+                    carried_logits = self.router_logits(carried.to(dtype), **route_kw)  # [B, E]
+                    borrowed = starts.long().cumsum(dim=1) == 0  # [B, T] in a unit begun earlier
+                    logits = torch.where(borrowed[..., None], carried_logits[:, None], logits)
+        logits = logits.reshape(batch * seq_len, -1)  # [N, E]
         if self.cfg.score_func == "softmax":
             scores = logits.softmax(dim=-1)
             probs = scores
@@ -280,10 +339,10 @@ class ChunkMoE(nn.Module):
             scores = logits.sigmoid()
             probs = scores / scores.sum(dim=-1, keepdim=True)
         biased = scores.detach() + self.expert_bias.to(dtype)
-        expert_idx = biased.topk(self.cfg.top_k, dim=-1).indices  # [U, k]
+        expert_idx = biased.topk(self.cfg.top_k, dim=-1).indices  # [N, k]
         chosen = scores.gather(-1, expert_idx)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
-        return MoERouting(unit_of_token, expert_idx, weights, logits, probs, owned)
+        return MoERouting(expert_idx, weights, logits, probs, starts.reshape(-1))
 
     def router_logits(self, x_units: torch.Tensor) -> torch.Tensor:
         """[U, D] first-token states (router dtype, autocast off) -> [U, E] router logits."""
@@ -327,63 +386,45 @@ class ChunkMoE(nn.Module):
         loss = routing.logits.new_zeros(())
         if self.cfg.aux_loss_coef <= 0 and self.cfg.z_loss_coef <= 0:
             return loss
-        if routing.owned is not None:  # units borrowed from an earlier slice count there
-            keep = routing.owned
-            routing = routing._replace(
-                expert_idx=routing.expert_idx[keep],
-                logits=routing.logits[keep],
-                probs=routing.probs[keep],
-                owned=None,
-            )
         logits = routing.logits
-        n_units, n_exp = routing.probs.shape
-        if n_units == 0 and self.reducer is None:  # every unit borrowed: nothing counts here
-            return loss
+        unit = routing.counted.to(logits.dtype)  # [N] 1 at each counted unit's first token
         with torch.no_grad():
-            counts = torch.bincount(routing.expert_idx.reshape(-1), minlength=n_exp)
+            counts = expert_counts(routing.expert_idx, self.cfg.n_experts, unit)  # [E]
+        n_units = unit.sum()
         if self.reducer is not None and self.training:
-            return self._global_aux_loss(routing, counts.to(logits.dtype))
+            stats = self.reducer.sum(torch.cat([counts, n_units[None]]))
+            counts, n_units = stats[:-1], stats[-1]
+            scale = self.reducer.n_ranks  # each rank returns n_ranks times its share
+        else:
+            scale = 1.0
+        # sums over this rank's units, normalised by the (global) unit count; 0 with no units
+        per_unit = scale / n_units.clamp_min(1.0)
         if self.cfg.aux_loss_coef > 0:
-            frac = counts.to(logits.dtype) / (n_units * self.cfg.top_k)
-            balance = n_exp * (frac * routing.probs.mean(dim=0)).sum()
-            loss = loss + self.cfg.aux_loss_coef * balance
+            frac = counts / (n_units.clamp_min(1.0) * self.cfg.top_k)
+            mean_probs = (routing.probs * unit[:, None]).sum(dim=0) * per_unit
+            loss = loss + self.cfg.aux_loss_coef * self.cfg.n_experts * (frac * mean_probs).sum()
         if self.cfg.z_loss_coef > 0:
-            z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            z_loss = (torch.logsumexp(logits, dim=-1).square() * unit).sum() * per_unit
             loss = loss + self.cfg.z_loss_coef * z_loss
         return loss
 
-    def _global_aux_loss(self, routing: MoERouting, counts: torch.Tensor) -> torch.Tensor:
-        """``aux_loss`` over the global batch: this rank's share, times ``n_ranks``."""
-        logits = routing.logits
-        n_units, n_exp = routing.probs.shape
-        stats = self.reducer.sum(torch.cat([counts, counts.new_tensor([n_units])]))
-        counts_all, units_all = stats[:n_exp], stats[n_exp].clamp_min(1.0)
-        scale = self.reducer.n_ranks / units_all
-        loss = logits.new_zeros(())
-        if self.cfg.aux_loss_coef > 0:
-            frac = counts_all / (units_all * self.cfg.top_k)
-            balance = n_exp * (frac * routing.probs.sum(dim=0)).sum() * scale
-            loss = loss + self.cfg.aux_loss_coef * balance
-        if self.cfg.z_loss_coef > 0:
-            z_loss = torch.logsumexp(logits, dim=-1).square().sum() * scale
-            loss = loss + self.cfg.z_loss_coef * z_loss
-        return loss
+    def _record_if_training(self, expert_idx: torch.Tensor, **route_kw: Any) -> None:
+        """Count a training forward's [N, k] choices into the step's load (never a recompute of
+        it in backward: ``record_expert_choices`` returns zeros there)."""
+        if self.training:
+            counts = record_expert_choices(
+                expert_idx, self.recorder_key, self.cfg.n_experts, route_kw.get("depth_index")
+            )
+            with torch.no_grad():
+                self._add_load(counts, **route_kw)
 
-    # eager even inside a compiled forward: traced, the backward check would be frozen to False
-    # and an activation-checkpoint recompute would count the load a second time
-    @torch.compiler.disable
-    def _record_if_training(self, tok_expert: torch.Tensor, **route_kw: Any) -> None:
-        """Count a training forward's choices (never a recompute of it in backward)."""
-        if self.training and not _in_backward():
-            self._record_load(tok_expert, **route_kw)
-
-    @torch.no_grad()
-    def _record_load(self, tok_expert: torch.Tensor) -> torch.Tensor:
-        """Count this forward's [N, k] choices into the step's load; returns the [E] counts."""
-        counts = torch.bincount(tok_expert.reshape(-1), minlength=self.cfg.n_experts)
+    def _add_load(self, counts: torch.Tensor, **route_kw: Any) -> None:
+        """Add one forward's [E] counts to the load since the last optimizer step."""
         self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
-        self.last_selection = tok_expert.detach()
-        return counts
+
+    def keep_selection(self, expert_idx: torch.Tensor, **route_kw: Any) -> None:
+        """Keep a training forward's [N, k] choices for ``selection_metrics``."""
+        self.last_selection = expert_idx
 
     @torch.no_grad()
     def after_optimizer_step(self, stepped: bool) -> None:

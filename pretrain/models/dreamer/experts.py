@@ -82,14 +82,14 @@ class ExpertAttention(ChunkMoE):
         q = q + self.depth_embedding(depth_index).to(dtype)
         return F.linear(q, self.router.weight.to(dtype)) / math.sqrt(self.key_dim)
 
-    @torch.no_grad()
-    def _record_load(self, tok_expert: torch.Tensor, depth_index: torch.Tensor) -> torch.Tensor:
-        counts = super()._record_load(tok_expert)
+    def _add_load(self, counts: torch.Tensor, depth_index: torch.Tensor) -> None:
+        super()._add_load(counts)
         self.tokens_per_depth.index_add_(
             0, depth_index[None], counts[None].to(self.tokens_per_depth.dtype)
         )
-        self.depth_selections.append(tok_expert.detach())  # only the metrics read it
-        return counts
+
+    def keep_selection(self, expert_idx: torch.Tensor, depth_index: torch.Tensor) -> None:
+        self.depth_selections.append(expert_idx)  # only the metrics read it
 
     def begin_forward(self) -> None:
         """A new forward of the stack starts: forget the last one's per-depth selections."""
