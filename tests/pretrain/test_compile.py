@@ -39,9 +39,7 @@ def _packed(batch: int) -> torch.Tensor:
 
 
 def _expert_load(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: buf.clone() for name, buf in model.named_buffers() if name.endswith("per_expert")
-    }
+    return {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("per_expert")}
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
