@@ -610,7 +610,7 @@ def build_train_step(
     info = DistInfo(device=device)
     mesh = build_mesh(cfg, info)
     info = info.with_mesh(mesh)
-    model = build_training_model(cfg, info)
+    model = build_training_model(cfg, info, compiled=compile_blocks)
     model.set_active_paths(PATH_NAMES)  # every component on: the last curriculum stage
     flops = count_flops(model, plan.big_seq_len, training=True)
     engine = resolve_backend(cfg.parallel.backend).build_engine(model, cfg, mesh, info)

@@ -2,10 +2,11 @@
 
 Run:  python benchmarks/throughput.py --device cuda --out throughput_cuda.json
 
-Hydra, Transformer and Mamba-2 (``--configs``, default the three 29m configs) are built once each,
-with every component switched on, and measured side by side in one run: for each length L the
-models take turns, so a machine that drifts (heat, other load) affects them alike. Every step
-holds the same number of tokens at every length (batch = ``--tokens-per-step`` / L, at least 1).
+Every family's 29m config (``--configs``, default Hydra, Transformer, Mamba-2, Attamba and
+Dreamer) is built once, with every component switched on, and measured side by side in one run:
+for each length L the models take turns, so a machine that drifts (heat, other load) affects
+them alike. Every step holds the same number of tokens at every length (batch =
+``--tokens-per-step`` / L, at least 1).
 
 Inputs: the batches the trainer would train on. Each config's ``data`` section is read by the
 trainer's own reader (``pretrain.data_config.reader_config`` + ``data_pipeline.reader``, seed
@@ -80,7 +81,7 @@ from pretrain.models.paths import PATH_NAMES  # noqa: E402
 MODES = ("fwd", "fwd+bwd")
 DEFAULT_CONFIGS = tuple(
     str(REPO / "configs" / f"{name}-29m.yaml")
-    for name in ("hydra", "transformer", "mamba2", "attamba")
+    for name in ("hydra", "transformer", "mamba2", "attamba", "dreamer")
 )
 DEFAULTS = {"lengths": [1024, 2048, 4096, 8192, 16384], "tokens_per_step": 16384, "repeats": 3}
 QUICK = {"lengths": [64, 128], "tokens_per_step": 256, "repeats": 1}
@@ -97,6 +98,21 @@ QUICK_OVERRIDES = (
     "model.pkm={after_blocks: [1], n_subkeys: 16, top_k: 4, n_heads: 2, d_key: 32}",
     "model.attamba={chunk_size: 4, leading_tokens: 8}",
 )
+# Dreamer's shapes differ (prelude + shared layer + coda; token-routed expert attention, whose
+# MoE section keeps its routing): its own tiny sizes
+QUICK_OVERRIDES_BY_FAMILY = {
+    "dreamer": (
+        "model.vocab_size=256",
+        "model.d_model=64",
+        "model.n_layers=3",
+        "model.d_ff=128",
+        "model.attention.n_heads=4",
+        "model.moe.n_experts=4",
+        "model.moe.d_expert=64",
+        "model.dreamer.depth_heads=4",
+        "model.dreamer.expert_key_dim=16",
+    )
+}
 ERROR_CHARS = 500  # an OOM message can run to pages; keep its head
 
 
@@ -142,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = Path(args.out or f"throughput_{args.device}.json")
     args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
     return args
+
+
+def quick_overrides(path: str) -> tuple[str, ...]:
+    """--quick's tiny sizes for the config at ``path`` (per family where the shapes differ)."""
+    return QUICK_OVERRIDES_BY_FAMILY.get(load_config(path).model.family, QUICK_OVERRIDES)
 
 
 def load_run_config(path: str, overrides: list[str], max_len: int) -> RunConfig:
@@ -501,8 +522,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stems = [Path(path).stem for path in args.configs]
     if len(set(stems)) != len(stems):  # records and ratios are keyed by the file's stem
         raise SystemExit(f"--configs: file names must differ, got {stems}")
-    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.override]
-    subjects = [build_subject(p, overrides, args.lengths, device, args.seed) for p in args.configs]
+    overrides = {
+        path: [*(quick_overrides(path) if args.quick else ()), *args.override]
+        for path in args.configs
+    }
+    subjects = [
+        build_subject(p, overrides[p], args.lengths, device, args.seed) for p in args.configs
+    ]
     baseline = pick_baseline(subjects, args.baseline)
     report = {
         "complete": False,
@@ -529,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _settings(
     args: argparse.Namespace,
     subjects: list[Subject],
-    overrides: list[str],
+    overrides: dict[str, list[str]],
     baseline: str,
     device: torch.device,
 ) -> dict[str, Any]:

@@ -7,7 +7,7 @@ op         backends (``auto`` on CUDA tries them left to right; on CPU it is alw
 =========  ================================================================================
 ssd        mamba_ssm > triton > torch
 pkm        triton > torch
-moe        megablocks > grouped_mm > torch
+moe        megablocks > grouped_mm > torch  (compiled: grouped_mm first, on CPU too)
 attention  flex > flash_attn > torch
 boundary_  flex > torch  (``boundary_attention``: Attamba's chunk-boundary attention)
 attention
@@ -65,6 +65,12 @@ AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {
     "attention": ("flex", "flash_attn", "torch"),
     "boundary_attention": ("flex", "torch"),
 }
+
+# Under torch.compile, ``auto`` tries these first, on any device: they trace without a host
+# sync. The torch expert loop and megablocks take the group sizes on the host: a graph break per
+# MoE layer, and under activation checkpointing a recompute that can run other graphs than its
+# forward did (torch.utils.checkpoint.CheckpointError).
+AUTO_FIRST_WHEN_COMPILED: dict[str, tuple[str, ...]] = {"moe": ("grouped_mm",)}
 
 # Backends whose kernels pick their launch configs by timing (and so are not reproducible).
 AUTOTUNING: frozenset[tuple[str, str]] = frozenset({("ssd", "mamba_ssm"), ("moe", "megablocks")})
@@ -201,11 +207,18 @@ def _check_name(op: str, backend: str) -> None:
         raise ValueError(f"unknown backend '{backend}' for op '{op}'; known: {list(BACKENDS[op])}")
 
 
-def _resolve_auto(op: str, device: torch.device, deterministic: bool) -> tuple[str, list[str]]:
+def _resolve_auto(
+    op: str, device: torch.device, deterministic: bool, compiled: bool = False
+) -> tuple[str, list[str]]:
     """The first usable backend of ``op``'s preference list, and why better ones were skipped."""
-    if device.type != "cuda":
-        return "torch", []  # the Triton interpreter is for tests; everything else needs CUDA
     skipped = []
+    for backend in AUTO_FIRST_WHEN_COMPILED.get(op, ()) if compiled else ():
+        problem = backend_problem(op, backend, device)
+        if problem is None:
+            return backend, skipped
+        skipped.append(f"{backend}: {problem}")
+    if device.type != "cuda":
+        return "torch", skipped  # the Triton interpreter is for tests; everything else needs CUDA
     for backend in AUTO_ORDER_CUDA[op]:
         if deterministic and (op, backend) in AUTOTUNING:
             skipped.append(f"{backend}: autotunes (deterministic mode)")
@@ -218,7 +231,10 @@ def _resolve_auto(op: str, device: torch.device, deterministic: bool) -> tuple[s
 
 
 def select_backends(
-    requested: Mapping[str, str], device: torch.device | str, deterministic: bool = False
+    requested: Mapping[str, str],
+    device: torch.device | str,
+    deterministic: bool = False,
+    compiled: bool = False,
 ) -> dict[str, str]:
     """Resolve the backend of every op, checking that each one can run; log the choice.
 
@@ -226,6 +242,8 @@ def select_backends(
         requested: op -> backend name or ``"auto"``; ops left out are ``auto``.
         device: where the model runs.
         deterministic: never pick (nor accept) a backend that autotunes its kernels.
+        compiled: the blocks will be compiled: ``auto`` first tries the backends that trace
+            without a host sync (``AUTO_FIRST_WHEN_COMPILED``).
 
     Returns:
         op -> concrete backend, for every op in ``BACKENDS``.
@@ -242,7 +260,7 @@ def select_backends(
     for op in BACKENDS:
         want = requested.get(op, "auto")
         if want == "auto":
-            chosen[op], skipped = _resolve_auto(op, device, deterministic)
+            chosen[op], skipped = _resolve_auto(op, device, deterministic, compiled)
             note = f"auto; skipped {'; '.join(skipped)}" if skipped else "auto"
         else:
             _check_name(op, want)

@@ -67,6 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from parallel.dist import exit_process
+    from parallel.dist import run_and_exit
 
-    exit_process(main())
+    run_and_exit(main)

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -118,7 +120,7 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int | None) -> NoReturn:
     """End this process with ``code``; after a process group, without interpreter finalization.
 
     A gloo worker thread can hold the last reference to a tensor of a collective that has already
@@ -126,21 +128,40 @@ def exit_process(code: int) -> NoReturn:
     happens while the interpreter finalizes, CPython ends the thread by a forced unwind that
     crosses a ``noexcept`` C++ frame, and a rank that finished everything aborts ("terminate
     called without an active exception", SIGABRT), which torchrun reports as a failed run (seen
-    once, in a 4-rank test on a loaded CI machine, after every result was written). So after a process group we do the
-    useful part of the exit here, while the interpreter is whole (join non-daemon threads, run
-    ``atexit`` handlers, flush logs and streams), and leave with ``os._exit``. A process that
-    never started a process group exits the ordinary way.
+    once, in a 4-rank test on a loaded CI machine, after every result was written). So after a
+    process group we do the useful part of the exit here, while the interpreter is whole (join
+    non-daemon threads, run ``atexit`` handlers, flush logs and streams), and leave with
+    ``os._exit``. A process that never started a process group exits the ordinary way.
     """
+    code = int(code or 0)
     if launcher_world_size() <= 1:
         sys.exit(code)
-    # What Py_Finalize does first: stop executors' workers, join non-daemon threads (the
-    # tracker's writer), then the atexit handlers (MLflow's close).
+    # What Py_Finalize does first: wake executors' idle workers and join non-daemon threads,
+    # then the atexit handlers (MLflow's close, which drains the tracker's writer thread).
     threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             pass
     os._exit(code)
+
+
+def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
+    """Run an entry point's ``main`` and end the process through ``exit_process``, also when it
+    raises (the traceback is printed first and the code is 1, as Python's own would be)."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)  # sys.exit("message") prints it and exits 1
+            code = 1
+        else:
+            code = stop.code
+    except BaseException:  # noqa: BLE001 - every failure ends here, with its traceback
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

@@ -40,12 +40,18 @@ def build_stages(cfg: RunConfig, info: DistInfo) -> list[Stage]:
     return resolve_stages(cfg.curriculum, cfg.train.steps, cfg.train.seq_len, rows_per_step)
 
 
-def build_training_model(cfg: RunConfig, info: DistInfo) -> CausalLM:
-    """The model on its device, seeded identically on every rank, with its kernel backends."""
+def build_training_model(cfg: RunConfig, info: DistInfo, compiled: bool | None = None) -> CausalLM:
+    """The model on its device, seeded identically on every rank, with its kernel backends
+    (chosen for compiled blocks when ``compiled``; default ``train.compile``)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device=info.device)
     requested = {op: getattr(cfg.kernels, op) for op in KERNEL_BACKENDS}
-    backends = select_backends(requested, info.device, deterministic=cfg.kernels.deterministic)
+    backends = select_backends(
+        requested,
+        info.device,
+        deterministic=cfg.kernels.deterministic,
+        compiled=cfg.train.compile if compiled is None else compiled,
+    )
     apply_kernel_backends(model, backends)
     return model
 

@@ -44,8 +44,11 @@ def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 - torch.library'
     if b.dim() != 3:
         raise NotImplementedError("grouped_mm_traceable: no backward of the weight-gradient form")
     grad = grad.contiguous()  # grouped_mm rejects zero-stride gradients (e.g. from y.sum())
-    grad_a = grouped_mm_traceable(grad, b.transpose(-2, -1), offs)
-    grad_b = grouped_mm_traceable(a.transpose(-2, -1), grad, offs)
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = grouped_mm_traceable(grad, b.transpose(-2, -1), offs)
+    if ctx.needs_input_grad[1]:
+        grad_b = grouped_mm_traceable(a.transpose(-2, -1), grad, offs)
     return grad_a, grad_b, None
 
 

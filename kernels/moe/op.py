@@ -58,6 +58,23 @@ def _load_grouped_gemm() -> object:
     return importlib.import_module("grouped_gemm").ops
 
 
+# The torch loop and megablocks' grouped GEMM take the group sizes on the host. Traced, Dynamo
+# would specialise on every count (a recompile per batch, then eager past the recompile limit),
+# and an activation-checkpoint recompute could run another graph than its forward did, saving
+# other tensors (CheckpointError). Left out of the graph they run the same eager code each time:
+# one graph break per MoE layer; ``grouped_mm`` has none.
+@torch.compiler.disable
+def _swiglu_experts_loop_eager(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    return swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+
+
+@torch.compiler.disable
 def _swiglu_experts_megablocks(
     x_sorted: torch.Tensor,
     counts: torch.Tensor,
@@ -96,7 +113,7 @@ def swiglu_experts(
         [M, D] expert outputs, row for row, in the matmul dtype (autocast's, else x's).
     """
     if backend == "torch":
-        return swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+        return _swiglu_experts_loop_eager(x_sorted, counts, w1, w3, w2)
     if backend not in ("grouped_mm", "megablocks"):
         raise ValueError(f"unknown moe backend '{backend}'; known: torch, grouped_mm, megablocks")
     x_mm = x_sorted.to(_matmul_dtype(x_sorted))

@@ -26,7 +26,7 @@ def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
     assert {"machine", "settings", "models", "results", "ratios"} <= data.keys()
     assert data["complete"] is True
     assert {"platform", "torch", "device", "device_name", "threads"} <= data["machine"].keys()
-    names = ["hydra-29m", "transformer-29m", "mamba2-29m", "attamba-29m"]
+    names = ["hydra-29m", "transformer-29m", "mamba2-29m", "attamba-29m", "dreamer-29m"]
     assert list(data["models"]) == names
     assert data["settings"]["baseline"] == "transformer-29m"
     assert data["settings"]["precision"] == "fp32"

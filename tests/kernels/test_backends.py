@@ -169,3 +169,15 @@ def test_choice_is_logged_once_per_op(caplog, monkeypatch) -> None:
     ssd_line = next(line for line in lines if "for ssd:" in line)
     assert "triton" in ssd_line and "mamba_ssm" in ssd_line  # says why mamba_ssm was skipped
     assert any("for moe: torch (requested" in line for line in lines)
+
+
+def test_auto_prefers_a_traceable_moe_when_compiled() -> None:
+    """Under torch.compile, auto takes grouped_mm (no host sync) over the torch loop, on CPU too;
+    the other ops are unchanged."""
+    assert select_backends({}, "cpu")["moe"] == "torch"
+    compiled = select_backends({}, "cpu", compiled=True)
+    assert compiled["moe"] == "grouped_mm"
+    assert {op: b for op, b in compiled.items() if op != "moe"} == {
+        op: "torch" for op in compiled if op != "moe"
+    }
+    assert select_backends({"moe": "torch"}, "cpu", compiled=True)["moe"] == "torch"  # as asked

@@ -1,4 +1,5 @@
-"""``exit_process``: after a process group, the useful part of the exit still happens."""
+"""``exit_process`` / ``run_and_exit``: after a process group, the useful part of the exit still
+happens (threads joined, atexit handlers run, output flushed) and the exit code is kept."""
 
 from __future__ import annotations
 
@@ -16,36 +17,53 @@ CHILD = textwrap.dedent(
     """
     import atexit, sys, threading
     from concurrent.futures import ThreadPoolExecutor
-    from parallel.dist import exit_process
+    from parallel.dist import run_and_exit
 
     release = threading.Event()
 
-    def writer():  # a non-daemon thread with work left, as the tracker's writer
+    def writer():  # a non-daemon thread with work left
         release.wait()
         print("thread finished", flush=False)
 
-    threading.Thread(target=writer).start()
-    pool = ThreadPoolExecutor(1)  # an idle executor worker must not keep the exit waiting
-    pool.submit(lambda: None).result()
-    atexit.register(lambda: print("atexit ran", flush=False))
-    print("buffered output", end="\\n", flush=False)
-    release.set()
-    exit_process(int(sys.argv[1]))
+    def main():
+        threading.Thread(target=writer).start()
+        pool = ThreadPoolExecutor(1)  # an idle executor worker must not keep the exit waiting
+        pool.submit(lambda: None).result()
+        atexit.register(lambda: print("atexit ran", flush=False))
+        print("buffered output", flush=False)
+        release.set()
+        how = sys.argv[1]
+        if how == "raise":
+            raise RuntimeError("boom")
+        if how == "message":
+            sys.exit("stopped: a message")
+        return int(how)
+
+    run_and_exit(main)
     print("never printed")
     """
 )
 
 
-@pytest.mark.parametrize("world_size", ["1", "2"])
-def test_exit_process_joins_threads_runs_atexit_and_keeps_the_code(world_size: str) -> None:
+@pytest.mark.parametrize(
+    "world_size, how, code, stderr",
+    [
+        ("1", "3", 3, ""),  # no process group: the ordinary exit, same behaviour
+        ("2", "3", 3, ""),
+        ("2", "0", 0, ""),
+        ("2", "raise", 1, "RuntimeError: boom"),
+        ("2", "message", 1, "a message"),
+    ],
+)
+def test_exit_keeps_code_output_threads_and_atexit(
+    world_size: str, how: str, code: int, stderr: str
+) -> None:
     env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+        [sys.executable, "-c", CHILD, how], capture_output=True, text=True, env=env, timeout=120
     )
-    assert proc.returncode == 3, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines == ["buffered output", "thread finished", "atexit ran"], proc.stdout
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.splitlines() == ["buffered output", "thread finished", "atexit ran"], (
+        proc.stdout
+    )
+    assert stderr in proc.stderr

@@ -7,8 +7,9 @@ every gradient, and the expert load the MoE layers record (counted once per forw
 eager). ``backend="eager"`` traces with Dynamo without Inductor's code generation, so this checks
 the tracing, quickly, not the generated code; ``test_trainer_compile.py`` trains with Inductor.
 
-The MoE runs on ``kernels.moe=grouped_mm`` (what ``auto`` picks on a GPU): the ``torch`` expert
-loop needs each expert's row count on the host, one graph break per MoE layer.
+The MoE runs on ``kernels.moe=grouped_mm`` (what ``auto`` picks on a GPU without megablocks):
+the ``torch`` expert loop needs each expert's row count on the host, one graph break per MoE
+layer.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from pretrain.config import ConfigError, load_config, parse_overrides
 from pretrain.models import build_model
 from pretrain.models.config import ModelConfig
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -74,3 +75,15 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_host_sized_moe_is_refused_with_compile_and_checkpointing() -> None:
+    """The torch expert loop under compile + activation checkpointing fails its first backward
+    (CheckpointError): refused up front, naming the key and the backend that works."""
+    both = ["train.compile=true", "train.activation_checkpointing=true"]
+    with pytest.raises(ConfigError, match=r"kernels\.moe=torch .*kernels\.moe=grouped_mm"):
+        load_config(CONFIG_DIR / "hydra-tiny.yaml", [*both, "kernels.moe=torch"])
+    load_config(CONFIG_DIR / "hydra-tiny.yaml", [*both, "kernels.moe=grouped_mm"])
+    load_config(CONFIG_DIR / "hydra-tiny.yaml", [*both])  # auto: grouped_mm when compiled
+    load_config(CONFIG_DIR / "hydra-tiny.yaml", ["train.compile=true", "kernels.moe=torch"])
+    load_config(CONFIG_DIR / "mamba2-29m.yaml", [*both, "kernels.moe=torch"])  # no MoE

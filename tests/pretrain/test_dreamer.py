@@ -267,8 +267,7 @@ def test_compiled_and_checkpointed_layer_counts_each_depth_once() -> None:
 def test_the_loop_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shared layer's compiled paths (sequence and expert attention) get r as a tensor and
     the same shapes at every iteration: three iterations compile exactly the frames one does
-    (a recompile per r would add frames per iteration). The frames are several, not one: the
-    MoE's routing has graph breaks (host syncs; the GPU-paths issue removes them)."""
+    (a recompile per r would add frames per iteration)."""
     import pretrain.models.common.moe as moe_module
 
     monkeypatch.setattr(moe_module, "swiglu_experts", _static_shape_experts)

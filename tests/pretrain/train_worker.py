@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from launch.train import make_tracker  # noqa: E402
-from parallel.dist import exit_process, init_distributed, shutdown  # noqa: E402
+from parallel.dist import init_distributed, run_and_exit, shutdown  # noqa: E402
 from pretrain.build import build_trainer  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
@@ -151,4 +151,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main(sys.argv[1:]))
+    run_and_exit(lambda: main(sys.argv[1:]))

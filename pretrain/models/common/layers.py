@@ -1,4 +1,5 @@
-"""Small building blocks shared by every model family: RMSNorm, SwiGLU, rotary embeddings.
+"""Small building blocks shared by every model family: RMSNorm, SwiGLU, rotary embeddings, and
+a linear map computed in fp32 that keeps its input in its own dtype for backward.
 
 Shape legend: B batch, T time, D d_model, H heads, K head dim.
 """
@@ -76,3 +77,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.to(x.dtype)
+
+
+class _WideLinear(torch.autograd.Function):
+    """``F.linear`` in fp32 (fp64 for fp64 inputs) whose backward keeps x as it came (bf16 stays
+    bf16): an upcast copy made for the matmul would otherwise be what autograd saves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(dtype), weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        with torch.autocast(grad.device.type, enabled=False):  # stay in the wide dtype
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                rows = grad.reshape(-1, grad.shape[-1]).t()  # [out, rows]
+                grad_w = (rows @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` computed in fp32 at least, whatever autocast says, for decisions that
+    must not flip in bf16 (the MoE router). Backward saves ``x`` in its own dtype.
+
+    Args:
+        x: [..., D_in] in any float dtype.
+        weight: [D_out, D_in].
+
+    Returns:
+        [..., D_out] in the wider of fp32 and the inputs' dtypes.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _WideLinear.apply(x, weight)

@@ -45,11 +45,11 @@ import weakref
 from typing import Any, NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe.op import swiglu_experts
 from kernels.moe.ref import expert_counts, sorted_moe
+from pretrain.models.common.layers import wide_linear
 from pretrain.models.common.selection import max_set_entropy_bits, set_entropy_bits
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import MoEConfig
@@ -152,6 +152,10 @@ _RECORDERS: weakref.WeakValueDictionary[int, ChunkMoE] = weakref.WeakValueDictio
 _recorder_ids = itertools.count()
 
 
+# Declared functional (it mutates no argument); its Python side effects (the layer's selection,
+# and the load through its result) run because ``_add_load`` consumes the result, so a compiler
+# cannot drop the call. Under CUDA graphs (``mode="reduce-overhead"``) a replay would skip the
+# Python body: its 0-d CPU key input keeps Inductor from graphing the block.
 @torch.library.custom_op("hydra_pretrain::record_expert_choices", mutates_args=())
 def record_expert_choices(
     expert_idx: torch.Tensor,
@@ -255,8 +259,9 @@ class ChunkMoE(nn.Module):
             seq_idx: optional [B, T] int64 document index of each token (packed rows).
             context: the sequence context (replaces ``seq_idx``; places a context-parallel
                 slice in its rows).
-            route_kw: what a subclass's ``router_logits`` and ``_add_load`` need besides
-                the hidden states (Dreamer's expert attention: the depth); none here.
+            route_kw: what a subclass's ``router_logits``, ``_add_load`` and
+                ``keep_selection`` need besides the hidden states (Dreamer's expert attention:
+                the depth); none here.
 
         Returns:
             y: [B, T, D] in ``x.dtype``.
@@ -317,8 +322,9 @@ class ChunkMoE(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             # every token's logits, then each token takes its unit's first token's: the router
-            # costs D E per token (as counted), and backward keeps no gathered [N, D] copy of x
-            logits = self.router_logits(x.reshape(-1, d_model).to(dtype), **route_kw)  # [N, E]
+            # costs D E per token (as counted), and backward keeps x itself (in its own dtype:
+            # ``wide_linear``), no gathered or upcast [N, D] copy
+            logits = self.router_logits(x.reshape(-1, d_model), **route_kw)  # [N, E]
             logits = logits.view(batch, seq_len, -1)
             if self.cfg.routing == "chunk":
                 pos = torch.arange(seq_len, device=x.device)
@@ -328,7 +334,7 @@ class ChunkMoE(nn.Module):
                 logits = logits.gather(1, first_pos[..., None].expand_as(logits))
                 if context.split:
                     carried = self._earlier_first_tokens(x, starts, context)  # [B, D]
-                    carried_logits = self.router_logits(carried.to(dtype), **route_kw)  # [B, E]
+                    carried_logits = self.router_logits(carried.to(x.dtype), **route_kw)
                     borrowed = starts.long().cumsum(dim=1) == 0  # [B, T] in a unit begun earlier
                     logits = torch.where(borrowed[..., None], carried_logits[:, None], logits)
         logits = logits.reshape(batch * seq_len, -1)  # [N, E]
@@ -344,9 +350,9 @@ class ChunkMoE(nn.Module):
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
         return MoERouting(expert_idx, weights, logits, probs, starts.reshape(-1))
 
-    def router_logits(self, x_units: torch.Tensor) -> torch.Tensor:
-        """[U, D] first-token states (router dtype, autocast off) -> [U, E] router logits."""
-        return F.linear(x_units, self.router.weight.to(x_units.dtype))
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, D] token states (any dtype) -> [M, E] router logits in fp32 at least."""
+        return wide_linear(x, self.router.weight)
 
     def _earlier_first_tokens(
         self, x: torch.Tensor, starts: torch.Tensor, context: SequenceContext

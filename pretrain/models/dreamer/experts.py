@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models.common.layers import wide_linear
 from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.common.selection import (
     distinct_experts_per_token,
@@ -72,15 +73,15 @@ class ExpertAttention(ChunkMoE):
             self.tokens_per_depth.zero_()
             self.depth_load.zero_()
 
-    def router_logits(self, x_units: torch.Tensor, depth_index: torch.Tensor) -> torch.Tensor:
-        """[N, D] token states -> [N, E] scores q . K / sqrt(Q), with the depth in the query.
+    def router_logits(self, x: torch.Tensor, depth_index: torch.Tensor) -> torch.Tensor:
+        """[N, D] token states (any dtype) -> [N, E] scores q . K / sqrt(Q) in fp32 at least,
+        with the depth in the query.
 
         ``depth_index`` is r as a 0-d tensor, so that a compiled layer serves every iteration.
         """
-        dtype = x_units.dtype
-        q = F.linear(x_units, self.query.weight.to(dtype))
-        q = q + self.depth_embedding(depth_index).to(dtype)
-        return F.linear(q, self.router.weight.to(dtype)) / math.sqrt(self.key_dim)
+        q = wide_linear(x, self.query.weight)  # [N, Q]
+        q = q + self.depth_embedding(depth_index).to(q.dtype)
+        return F.linear(q, self.router.weight.to(q.dtype)) / math.sqrt(self.key_dim)
 
     def _add_load(self, counts: torch.Tensor, depth_index: torch.Tensor) -> None:
         super()._add_load(counts)
