@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,6 +245,19 @@ def test_activation_checkpoint_recompute_counts_load_once() -> None:
     y = checkpoint(lambda inp: moe(inp)[0], x, use_reentrant=False)
     y.sum().backward()
     assert moe.tokens_per_expert.sum() == 2 * 8 * 2
+
+
+def test_a_copy_records_into_itself() -> None:
+    """The load is recorded through a registry keyed per layer: a deep copy gets its own key, so
+    its forwards count in the copy, never in the original (and the reverse)."""
+    moe = _moe(torch.float32, routing="token").train()
+    twin = copy.deepcopy(moe)
+    assert int(twin.recorder_key) != int(moe.recorder_key)
+    twin(torch.randn(1, 8, D))
+    assert moe.tokens_per_expert.sum() == 0 and twin.tokens_per_expert.sum() == 8 * 2
+    assert moe.last_selection is None and twin.last_selection.shape == (8, 2)
+    moe(torch.randn(1, 4, D))
+    assert moe.tokens_per_expert.sum() == 4 * 2 and twin.tokens_per_expert.sum() == 8 * 2
 
 
 def test_bf16_autocast() -> None:
