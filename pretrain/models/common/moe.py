@@ -12,10 +12,10 @@ weights), made from the hidden state of the unit's FIRST token only:
 - ``routing="token"``: every token is its own unit.
 
 Shapes never depend on the packing (no ``nonzero``, no host sync), so a block compiles into one
-graph: every token is routed on its unit's first-token state (gathered per token), which gives
-each token of a unit the same decision, and a per-token mask (``MoERouting.counted``) marks the
-units' first tokens, the ones the balance statistics count. The router's cost is then per token,
-as ``flops_per_token`` counts it.
+graph: the router runs on every token and each token takes its unit's first-token logits
+(a gather along T), which gives each token of a unit the same decision, and a per-token mask
+(``MoERouting.counted``) marks the units' first tokens, the ones the balance statistics count.
+The router's cost is then per token, as ``flops_per_token`` counts it.
 
 Under context parallelism a unit that begins on an earlier rank's slice is routed on that
 first token too: every rank all-gathers the hidden state of its last unit start ([B, D] per rank
