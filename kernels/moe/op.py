@@ -63,15 +63,7 @@ def _load_grouped_gemm() -> object:
 # and an activation-checkpoint recompute could run another graph than its forward did, saving
 # other tensors (CheckpointError). Left out of the graph they run the same eager code each time:
 # one graph break per MoE layer; ``grouped_mm`` has none.
-@torch.compiler.disable
-def _swiglu_experts_loop_eager(
-    x_sorted: torch.Tensor,
-    counts: torch.Tensor,
-    w1: torch.Tensor,
-    w3: torch.Tensor,
-    w2: torch.Tensor,
-) -> torch.Tensor:
-    return swiglu_experts_loop(x_sorted, counts, w1, w3, w2)
+_swiglu_experts_loop_eager = torch.compiler.disable(swiglu_experts_loop)
 
 
 @torch.compiler.disable
