@@ -31,6 +31,8 @@ from launch.tracking import (  # noqa: E402
 from launch.tracking.session import MlflowSession  # noqa: E402
 
 LOGGER = "launch.tracking"
+# Port 9 (discard) on loopback: nothing listens, connections are refused.
+DEAD_STORE = "http://127.0.0.1:9"
 CONFIG = {
     "model": {"d_model": 64, "ssm": {"d_state": 16, "chunk": [8, 16]}},
     "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "decay_norms": False},
@@ -85,8 +87,16 @@ def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
     return predicate()
 
 
-def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and text in r.getMessage()]
+def _messages(caplog: pytest.LogCaptureFixture, text: str, store: str | None = None) -> list[str]:
+    """This logger's messages containing ``text``; with ``store``, only those about that tracking
+    URI, so that a background thread an earlier test left retrying its own store (a close that
+    timed out) cannot count here."""
+    about = "" if store is None else f"tracking store {store} "
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == LOGGER and text in r.getMessage() and about in r.getMessage()
+    ]
 
 
 def _tracker(run_dir: Path, **kw) -> MlflowTracker:
@@ -256,9 +266,8 @@ def test_non_main_rank_and_disabled_write_nothing(tmp_path: Path) -> None:
 
 def test_unreachable_store_never_blocks_and_close_is_bounded(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    # Port 9 (discard) on loopback: nothing listens, connections are refused.
     tracker = _tracker(
-        tmp_path / "run", tracking_uri="http://127.0.0.1:9", close_timeout_s=2.0, max_buffered=100
+        tmp_path / "run", tracking_uri=DEAD_STORE, close_timeout_s=2.0, max_buffered=100
     )
     tracker.log_params(CONFIG)
     tracker.log_artifact(tmp_path / "nothing.txt")
@@ -271,12 +280,12 @@ def test_unreachable_store_never_blocks_and_close_is_bounded(tmp_path: Path, cap
         for step in range(300):
             tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
             if step == 10:
-                _wait_for(lambda: _messages(caplog, "unreachable"), 60)
+                _wait_for(lambda: _messages(caplog, "unreachable", DEAD_STORE), 60)
         logged.set()
 
     threading.Thread(target=log_all, daemon=True).start()
     assert logged.wait(120), "log_metrics blocked on an unreachable store"
-    assert _messages(caplog, "unreachable")
+    assert _messages(caplog, "unreachable", DEAD_STORE)
     assert tracker.run_id is None
     assert tracker.dropped_metrics == 600 - 100 and tracker.pending_metrics <= 100
     assert len(_messages(caplog, "buffer full")) == 1
@@ -284,7 +293,7 @@ def test_unreachable_store_never_blocks_and_close_is_bounded(tmp_path: Path, cap
     closed = threading.Event()
     threading.Thread(target=lambda: (tracker.close(), closed.set()), daemon=True).start()
     assert closed.wait(60), "close() did not return: it must give up after close_timeout_s"
-    assert len(_messages(caplog, "unreachable")) == 1  # warned once, not per retry
+    assert len(_messages(caplog, "unreachable", DEAD_STORE)) == 1  # once, not per retry
     assert not (tmp_path / "run").exists()
 
 
@@ -339,6 +348,7 @@ def test_outage_buffers_then_recovers_with_one_warning_each_way(run_dir: Path, c
         client_factory=lambda uri: _FlakyClient(MlflowClient(tracking_uri=uri), down),
     )
     tracker = MlflowTracker(session, flush_interval_s=0.05, close_timeout_s=10.0)
+    store = f"sqlite:///{run_dir / 'mlflow.db'}"
     for step in range(5):
         tracker.log_metrics({"loss": float(step)}, step=step)
     assert _wait_for(lambda: tracker.pending_metrics == 0)
@@ -347,17 +357,17 @@ def test_outage_buffers_then_recovers_with_one_warning_each_way(run_dir: Path, c
     tracker.log_params({"late": {"param": 1}})
     for step in range(5, 10):
         tracker.log_metrics({"loss": float(step)}, step=step)
-    assert _wait_for(lambda: _messages(caplog, "unreachable"))
+    assert _wait_for(lambda: _messages(caplog, "unreachable", store))
     time.sleep(0.3)  # several failed attempts while down
     assert tracker.pending_metrics == 5
     down.clear()
-    assert _wait_for(lambda: _messages(caplog, "reachable again"))
+    assert _wait_for(lambda: _messages(caplog, "reachable again", store))
     for step in range(10, 12):
         tracker.log_metrics({"loss": float(step)}, step=step)
     tracker.close()
 
-    assert len(_messages(caplog, "unreachable")) == 1
-    assert len(_messages(caplog, "reachable again")) == 1
+    assert len(_messages(caplog, "unreachable", store)) == 1
+    assert len(_messages(caplog, "reachable again", store)) == 1
     client = _client(run_dir)
     assert _history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(12)]
     run = client.get_run(tracker.run_id)
