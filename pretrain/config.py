@@ -236,14 +236,14 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
     if cfg.parallel.backend == "deepspeed" and cfg.train.compile:
         problems.append("train.compile: not supported with parallel.backend=deepspeed")
     host_sized = cfg.kernels.moe in ("torch", "megablocks")
-    if cfg.train.compile and cfg.train.activation_checkpointing and host_sized:
-        if moe_experts_per_layer(cfg) is not None:
-            problems.append(
-                f"kernels.moe={cfg.kernels.moe} with train.compile and"
-                " train.activation_checkpointing: its group sizes come from the host, so a"
-                " checkpoint recompute can run other graphs than its forward did; set"
-                " kernels.moe=grouped_mm (or auto)"
-            )
+    recomputed = cfg.train.compile and cfg.train.activation_checkpointing
+    if host_sized and recomputed and moe_experts_per_layer(cfg) is not None:
+        problems.append(
+            f"kernels.moe={cfg.kernels.moe} with train.compile and"
+            " train.activation_checkpointing: its group sizes come from the host, so a"
+            " checkpoint recompute can run other graphs than its forward did; set"
+            " kernels.moe=grouped_mm (or auto)"
+        )
     problems += parallel_layout_problems(cfg, world_size=None)[0]
     return problems
 

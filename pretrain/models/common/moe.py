@@ -404,9 +404,10 @@ class ChunkMoE(nn.Module):
         else:
             scale = 1.0
         # sums over this rank's units, normalised by the (global) unit count; 0 with no units
-        per_unit = scale / n_units.clamp_min(1.0)
+        n_units = n_units.clamp_min(1.0)
+        per_unit = scale / n_units
         if self.cfg.aux_loss_coef > 0:
-            frac = counts / (n_units.clamp_min(1.0) * self.cfg.top_k)
+            frac = counts / (n_units * self.cfg.top_k)
             mean_probs = (routing.probs * unit[:, None]).sum(dim=0) * per_unit
             loss = loss + self.cfg.aux_loss_coef * self.cfg.n_experts * (frac * mean_probs).sum()
         if self.cfg.z_loss_coef > 0:
