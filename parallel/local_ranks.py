@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel.dist import exit_process
+
 _TIMEOUT_S = 300
 
 
@@ -37,6 +39,9 @@ def _entry(rank: int, world: int, init_file: str, fn: Callable, args: tuple, err
         raise
     finally:
         dist.destroy_process_group()
+    # the same exit as a launched rank's (``exit_process``): a finished rank must not abort in
+    # interpreter finalization, which the parent would report as a failed rank
+    exit_process(0)
 
 
 def run_on_ranks(world: int, fn: Callable, *args: Any) -> None:
