@@ -8,9 +8,11 @@ Modules (import what you need; importing this package pulls in nothing heavy):
   (``hydra-pretrain prepare``).
 - ``shards``: the shard format (tar + offset index + per-sample CRC) and the manifest.
 - ``sources``, ``batching``, ``reader``, ``config``: the streaming reader (``build_reader``)
-  with exact resume, rank/worker splitting, mixtures and corrupt-shard handling.
+  with exact resume, rank/worker splitting, mixtures and corrupt-shard handling; ``skips``:
+  the count of skipped corrupt samples and its limit.
 - ``synthetic``: chaining, distant premise, associative recall, domain mixture, fact lookup.
-- ``errors``: ``DataConfigError``, ``DataExhausted``, ``CorruptShardError``.
+- ``errors``: ``DataConfigError``, ``DataExhausted``, ``CorruptShardError``,
+  ``TooManySkippedSamples``.
 """
 
 from data_pipeline.errors import CorruptShardError, DataConfigError, DataExhausted

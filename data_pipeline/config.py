@@ -10,6 +10,19 @@ from data_pipeline.errors import DataConfigError
 
 ON_CORRUPT = ("error", "skip")
 SOURCE_LABELS = ("all", "answers")
+# One bad shard in a hundred is bad luck; more is a broken copy or mount, which training on
+# silently would hide (and the run would train on a skewed share of the data).
+DEFAULT_MAX_SKIPPED_FRACTION = 0.01
+
+
+def max_skipped_fraction_problem(value: float) -> str | None:
+    """What is wrong with a ``data.max_skipped_fraction`` value (None: nothing)."""
+    if 0.0 < value <= 1.0:
+        return None
+    return (
+        f"data.max_skipped_fraction: must be in (0, 1] (a share of the samples read), got"
+        f" {value!r}; data.on_corrupt=error allows no corrupt sample at all"
+    )
 
 
 @dataclass
@@ -62,6 +75,8 @@ class ReaderConfig:
     num_workers: int = 0  # DataLoader worker processes
     prefetch_factor: int = 2  # batches prefetched per worker
     on_corrupt: str = "error"  # corrupt or truncated shard: "error" (names it) or "skip"
+    # on_corrupt=skip: error once more than this share of the samples read was skipped
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
     verify_sha256: bool = True  # check each shard's sha256 on first open (reads it fully)
     mask_cross_document_labels: bool = False  # no label that predicts another document's token
     vocab_size: int | None = None  # for synthetic sources (default: the dataset's vocab size)
@@ -76,6 +91,8 @@ class ReaderConfig:
             raise DataConfigError("data.num_workers: must be >= 0")
         if self.on_corrupt not in ON_CORRUPT:
             raise DataConfigError(f"data.on_corrupt: must be one of {list(ON_CORRUPT)}")
+        if problem := max_skipped_fraction_problem(self.max_skipped_fraction):
+            raise DataConfigError(problem)
         if self.epochs is not None:
             if self.epochs < 1:
                 raise DataConfigError("data.epochs: must be >= 1 (or null for no limit)")

@@ -11,6 +11,10 @@ the same on every rank (ranks step in lock-step), so a state saved by any rank r
 rank, with any worker count, on any world size or batch size: the new layout starts at that
 global index (``base``) and deals the rest out again. Samples that the old ranks had prefetched
 but not consumed are not lost.
+
+``on_corrupt=skip`` leaves corrupt samples out and refills the batch from the rank's next block
+of B samples (``StreamingReader``), so after a skip the position is per rank (block, rows of
+it already handed out), and ``skips.SkipLedger`` counts what was skipped against the limit.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import traceback
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,13 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.batching import PACKED_KEY, unpack_batch, windows_to_rows
 from data_pipeline.config import ReaderConfig, SourceConfig
-from data_pipeline.errors import DataConfigError, DataExhausted
+from data_pipeline.errors import CorruptShardError, DataConfigError, DataExhausted
 from data_pipeline.shards import Manifest
+from data_pipeline.skips import SkipLedger
 from data_pipeline.sources import Mixture, ShardSource, SyntheticSource
 from data_pipeline.tokens import PAD_ID
 
 STATE_VERSION = 1
-_SKIP_KEY = "_skipped"  # per-batch count of replaced corrupt samples, removed by the loader
+_SKIP_KEY = "_skipped"  # per block: (samples tried, skipped ones), removed by the reader
 
 
 def _build_source(cfg: ReaderConfig, src: SourceConfig, index: int, vocab: int | None):
@@ -47,7 +51,6 @@ def _build_source(cfg: ReaderConfig, src: SourceConfig, index: int, vocab: int |
             seq_len=cfg.seq_len,
             shuffle_shards=cfg.shuffle_shards,
             shuffle_buffer=cfg.shuffle_buffer,
-            on_corrupt=cfg.on_corrupt,
             verify_sha256=cfg.verify_sha256,
         )
     from data_pipeline.synthetic import build_task
@@ -87,10 +90,16 @@ class BatchStream(IterableDataset):
         self._sources: list | None = None
         self.vocab_size = cfg.vocab_size
         self.pad_id = PAD_ID
-        manifests = [Manifest.load(s.path) for s in cfg.sources if s.path is not None]
+        shard_sources = [s for s in cfg.sources if s.path is not None]
+        manifests = [Manifest.load(s.path) for s in shard_sources]
         if manifests:
             self.pad_id, self.vocab_size = _check_manifests(manifests, cfg.vocab_size)
         self.total = self._total_samples()
+        self.shard_samples = sum(  # one epoch of every shard source (a missing split: later)
+            info.samples
+            for s, m in zip(shard_sources, manifests)
+            for info in m.splits.get(s.split, [])
+        )
 
     def __getstate__(self) -> dict:
         # Open file descriptors do not survive pickling (spawned workers): rebuild there.
@@ -133,29 +142,39 @@ class BatchStream(IterableDataset):
         parts.append([s.weight for s in self.cfg.sources])
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
-    def batch(self, q: int) -> dict[str, torch.Tensor]:
-        """Batch ``q`` of this rank, packed (pure function of the files, config and ``base``)."""
+    def batch(self, q: int) -> dict[str, Any]:
+        """Batch ``q`` of this rank, packed (pure function of the files, config and ``base``).
+
+        With ``on_corrupt=skip`` a corrupt sample is left out: the batch then holds fewer than
+        ``batch_size`` rows, and ``_SKIP_KEY`` lists what was skipped (the reader refills).
+        """
         sources = self.sources()
         B, W, T = self.cfg.batch_size, self.world_size, self.cfg.seq_len
-        skipped_before = sum(s.skipped for s in sources)
-        windows, at, rows, which = [], [], {}, []
-        for i, j in enumerate(range(q * B, (q + 1) * B)):
+        windows, at, rows, which, skips, tried = [], [], {}, [], [], 0
+        for j in range(q * B, (q + 1) * B):
             g = self.base + j * W + self.rank
             s, n = (0, g) if len(sources) == 1 else self._mixture.choose(g)
-            which.append(s)
             if isinstance(sources[s], SyntheticSource):
-                rows[i] = sources[s].sample(n)
+                rows[len(which)] = sources[s].sample(n)
             else:
-                windows.append(sources[s].sample(n))
-                at.append(i)
-        packed = np.empty((3, B, T), dtype=np.int32)
+                tried += 1
+                try:
+                    windows.append(sources[s].sample(n))
+                except CorruptShardError as err:
+                    if self.cfg.on_corrupt == "error":
+                        raise
+                    skips.append((err.shard, err.reason, err.sample is None))
+                    continue
+                at.append(len(which))
+            which.append(s)
+        packed = np.empty((3, len(which), T), dtype=np.int32)
         if windows:
             packed[:, at] = windows_to_rows(
                 windows, T, self.pad_id, self.cfg.mask_cross_document_labels
             )
         out: dict[str, torch.Tensor] = {}
         if any(isinstance(s, SyntheticSource) for s in sources):
-            answer = np.zeros((B, T), dtype=bool)
+            answer = np.zeros((len(which), T), dtype=bool)
             for i, (ids, labels, seq_idx, mask) in rows.items():
                 packed[:, i] = (ids, labels, seq_idx)
                 answer[i] = mask
@@ -163,7 +182,7 @@ class BatchStream(IterableDataset):
         out[PACKED_KEY] = torch.from_numpy(packed)
         if len(sources) > 1:
             out["source"] = torch.tensor(which, dtype=torch.int64)
-        out[_SKIP_KEY] = torch.tensor(sum(s.skipped for s in sources) - skipped_before)
+        out[_SKIP_KEY] = (tried, skips)
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -176,6 +195,25 @@ class BatchStream(IterableDataset):
             q += n_workers
 
 
+def _n_rows(batch: dict[str, torch.Tensor]) -> int:
+    return batch[PACKED_KEY].shape[1]
+
+
+def _row_slice(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    return {k: v[:, lo:hi] if k == PACKED_KEY else v[lo:hi] for k, v in batch.items()}
+
+
+def _first_rows(
+    parts: list[dict[str, torch.Tensor]], n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The first ``n`` rows of packed batches ``parts`` (in order), and the rows after them."""
+    if len(parts) == 1 and _n_rows(parts[0]) == n:
+        return parts[0], None  # nothing was skipped: the batch passes through untouched
+    joined = {k: torch.cat([p[k] for p in parts], dim=int(k == PACKED_KEY)) for k in parts[0]}
+    total = _n_rows(joined)
+    return _row_slice(joined, 0, n), (_row_slice(joined, n, total) if total > n else None)
+
+
 class StreamingReader:
     """Iterable of batches for one data-parallel rank, with exact ``state_dict`` resume.
 
@@ -183,6 +221,12 @@ class StreamingReader:
     ``seq_idx``; plus ``answer_mask`` (bool) when a synthetic source is present and ``source``
     [B] (index into ``cfg.sources``) for a mixture. After the last batch of a finite reader the
     next request raises ``DataExhausted``.
+
+    With ``on_corrupt=skip`` a corrupt sample is left out, and the rank's next samples fill
+    its place (so no row repeats): from then on this rank's batch ``i`` is no longer its
+    ``i``-th block of ``B`` samples, and its position is (block, good rows of it already handed
+    out). The blocks are still built in order and the rows taken in order, so the batches stay
+    a pure function of the files, the config and the position, for any worker count.
     """
 
     def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1) -> None:
@@ -190,11 +234,22 @@ class StreamingReader:
             raise DataConfigError(f"data-parallel rank={rank} not in [0, world_size={world_size})")
         self.cfg = cfg
         self.stream = BatchStream(cfg, rank, world_size)
-        self.batches = 0  # batches handed out since ``stream.base``
-        self.skipped = 0  # corrupt samples replaced (on_corrupt="skip")
+        self.batches = 0  # batches handed out since the last load_state_dict
+        # Position: the next rows are block ``_next``'s good rows (blocks counted from
+        # ``stream.base``) after its first ``_partial``. Without skips, _next == batches.
+        self._next = 0
+        self._partial = 0
+        share = -(-self.stream.shard_samples // world_size)  # this rank's share of an epoch
+        self.ledger = SkipLedger(cfg.max_skipped_fraction, share)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples this rank skipped (cumulative; kept in the state)."""
+        return self.ledger.skipped
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.stream.start_batch = self.batches
+        start, drop, B = self._next, self._partial, self.cfg.batch_size
+        self.stream.start_batch = start
         workers = self.cfg.num_workers
         loader = DataLoader(
             self.stream,
@@ -203,17 +258,25 @@ class StreamingReader:
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             persistent_workers=False,
         )
-        batches = iter(loader)
+        blocks = iter(loader)
+        pending: list[dict[str, torch.Tensor]] = []
         try:
-            for batch in batches:
-                skipped = int(batch.pop(_SKIP_KEY))
-                if skipped:
-                    self.skipped += skipped
-                    warnings.warn(
-                        f"data: replaced {skipped} corrupt samples (total {self.skipped})",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+            for fetched, block in enumerate(blocks, start=1):
+                tried, skips = block.pop(_SKIP_KEY)
+                block_rows = _n_rows(block)
+                if fetched == 1 and drop:  # rows (and skips) already counted before the save
+                    block = _row_slice(block, drop, block_rows)
+                else:
+                    self.ledger.record(tried, skips)
+                pending.append(block)
+                if sum(_n_rows(p) for p in pending) < B:
+                    continue
+                batch, rest = _first_rows(pending, B)
+                pending = [rest] if rest is not None else []
+                # rows left over all come from the newest block (fewer than B were pending)
+                left = _n_rows(rest) if rest is not None else 0
+                self._next = start + fetched - (1 if left else 0)
+                self._partial = block_rows - left if left else 0
                 self.batches += 1
                 yield unpack_batch(batch)
         except Exception as err:
@@ -222,25 +285,28 @@ class StreamingReader:
             traceback.clear_frames(err.__traceback__)
             raise
         finally:
-            del batches
+            del blocks
         raise DataExhausted(
             f"data exhausted after {self.cfg.epochs} epochs ({self.batches} batches since resume)"
         )
 
     @property
     def consumed_samples(self) -> int:
-        """Global samples consumed by all ranks together (the resume position)."""
-        return self.stream.base + self.batches * self.cfg.batch_size * self.stream.world_size
+        """Global samples consumed by all ranks together (the resume position; with skips,
+        this rank's: ranks that skipped different numbers of samples are at different blocks)."""
+        return self.stream.base + self._next * self.cfg.batch_size * self.stream.world_size
 
     def state_dict(self) -> dict[str, Any]:
-        """The position; identical on every rank in lock-step training."""
+        """The position, and the skip account; identical on every rank in lock-step training
+        unless corrupt samples were skipped."""
         state = {
             "version": STATE_VERSION,
             "fingerprint": self.stream.fingerprint(),
             "consumed_samples": self.consumed_samples,
+            "partial_rows": self._partial,
             "world_size": self.stream.world_size,
             "batch_size": self.cfg.batch_size,
-            "skipped": self.skipped,
+            **self.ledger.state_dict(),
         }
         per_epoch = self.stream.samples_per_epoch()
         if per_epoch:  # for people reading checkpoints; resuming uses consumed_samples only
@@ -261,15 +327,22 @@ class StreamingReader:
                 " differ); refusing to resume at a position that would mean something else"
             )
         self.stream.base = int(state["consumed_samples"])
-        self.batches = 0
-        self.skipped = int(state.get("skipped", 0))
+        self.batches = self._next = 0
+        same_layout = (state.get("world_size"), state.get("batch_size")) == (
+            self.stream.world_size,
+            self.cfg.batch_size,
+        )
+        # Rows of a partly used block mean nothing in another layout: re-read them (a few
+        # repeats, only after a skip) rather than guess.
+        self._partial = int(state.get("partial_rows", 0)) if same_layout else 0
+        self.ledger.load_state_dict(state)
 
     def __len__(self) -> int:
-        """Batches left on this rank (finite readers only)."""
+        """Batches left on this rank (finite readers only; at most this many after a skip)."""
         left = self.stream.batches_available()
         if left is None:
             raise TypeError("an infinite reader has no length")
-        return left - self.batches
+        return left - self._next
 
 
 def build_reader(cfg: ReaderConfig, rank: int = 0, world_size: int = 1) -> StreamingReader:

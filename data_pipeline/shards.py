@@ -262,10 +262,10 @@ class ShardReader:
         name = str(self.path)
         if not self.path.is_file():
             raise CorruptShardError(name, "file is missing")
-        if verify_sha256 and self.info.sha256 and file_sha256(self.path) != self.info.sha256:
-            raise CorruptShardError(name, "sha256 does not match the manifest")
-        size = self.path.stat().st_size
         try:
+            if verify_sha256 and self.info.sha256 and file_sha256(self.path) != self.info.sha256:
+                raise CorruptShardError(name, "sha256 does not match the manifest")
+            size = self.path.stat().st_size
             if self.index_path.is_file():
                 raw = self.index_path.read_bytes()
                 if verify_sha256 and self.info.index_sha256:
@@ -275,7 +275,7 @@ class ShardReader:
             else:
                 offsets = _scan_offsets(self.path)
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise CorruptShardError(name, f"cannot scan the tar: {err}") from None
+            raise CorruptShardError(name, f"cannot read the tar or its index: {err}") from None
         if len(offsets) != self.info.samples + 1 or bool(
             (np.diff(offsets.astype(np.int64)) <= 0).any()
         ):
@@ -286,8 +286,11 @@ class ShardReader:
             raise CorruptShardError(
                 name, f"truncated: {size} bytes, samples need {int(offsets[-1])}"
             )
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as err:  # e.g. no read permission: as unusable as a missing file
+            raise CorruptShardError(name, f"cannot open: {err}") from None
         self.offsets = offsets
-        self._fd = os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -310,7 +313,7 @@ class ShardReader:
             if not 1 <= len(tokens) <= self.seq_len + 1:
                 raise ValueError(f"window of {len(tokens)} tokens")
         except (ValueError, KeyError, UnicodeDecodeError) as err:
-            raise CorruptShardError(str(self.path), f"sample {i}: {err}") from None
+            raise CorruptShardError(str(self.path), f"sample {i}: {err}", sample=i) from None
         return tokens, starts
 
     def _split(self, buf: memoryview) -> dict[str, memoryview]:

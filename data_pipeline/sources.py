@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +44,12 @@ def _cached(cache: dict, key: object, make: Callable[[], object], maxsize: int =
 
 
 class ShardSource:
-    """A prepared split read by random access, with seeded per-epoch order and corrupt-shard
-    handling (``on_corrupt``: ``error`` raises naming the shard; ``skip`` fills the slot with the
-    next good sample of the sequence, warns once per shard and counts it)."""
+    """A prepared split read by random access, with seeded per-epoch order.
+
+    ``sample(n)`` raises ``CorruptShardError`` for a corrupt sample; a shard that cannot be
+    opened at all is remembered, so its other samples fail at once, without touching the file
+    again. Whether that stops the run or skips the sample is the reader's call (``on_corrupt``).
+    """
 
     def __init__(
         self,
@@ -57,7 +59,6 @@ class ShardSource:
         seq_len: int,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 1024,
-        on_corrupt: str = "error",
         verify_sha256: bool = True,
     ) -> None:
         self.root = Path(root)
@@ -77,11 +78,10 @@ class ShardSource:
             raise DataConfigError(f"{self.root}: split '{split}' holds no samples")
         self.seed, self.seq_len = seed, seq_len
         self.shuffle_shards, self.buffer = shuffle_shards, max(1, shuffle_buffer)
-        self.on_corrupt, self.verify = on_corrupt, verify_sha256
+        self.verify = verify_sha256
         self.dtype = np.dtype("<u2" if self.manifest.dtype == "uint16" else "<u4")
-        self.skipped = 0  # corrupt samples replaced in this process
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
-        self._bad_shards: set[int] = set()
+        self._bad_shards: dict[int, CorruptShardError] = {}  # shards that failed to open
         self._cache: dict = {}
 
     def fingerprint(self) -> list:
@@ -133,32 +133,22 @@ class ShardSource:
             self._readers.popitem(last=False)[1].close()
         return reader
 
-    def _read(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        shard, idx = self.locate(n)
-        if shard in self._bad_shards:
-            raise CorruptShardError(str(self.root / self.shards[shard].path), "marked corrupt")
-        try:
-            return self._reader(shard).read(idx)
-        except CorruptShardError as err:
-            if "sample" not in err.reason:
-                self._bad_shards.add(shard)
-            raise
-
     def sample(self, n: int) -> Window:
-        """The stored window at global index ``n`` (a good one: see ``on_corrupt``)."""
-        for probe in range(n, n + self.n_per_epoch):
-            try:
-                tokens, starts = self._read(probe)
-                break
-            except CorruptShardError as err:
-                if self.on_corrupt == "error":
-                    raise
-                if err.reason != "marked corrupt":
-                    warnings.warn(f"skipping: {err}", RuntimeWarning, stacklevel=2)
-        else:
-            raise CorruptShardError(str(self.root), "no readable sample in a whole epoch")
-        self.skipped += probe != n  # this slot holds a replacement
-        return tokens, starts
+        """The stored window at global index ``n``.
+
+        Raises:
+            CorruptShardError: the sample, or its whole shard (``sample`` None), is corrupt.
+        """
+        shard, idx = self.locate(n)
+        bad = self._bad_shards.get(shard)
+        if bad is not None:
+            raise CorruptShardError(bad.shard, bad.reason)
+        try:
+            reader = self._reader(shard)
+        except CorruptShardError as err:
+            self._bad_shards[shard] = err
+            raise
+        return reader.read(idx)
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -176,7 +166,6 @@ class SyntheticSource:
             raise DataConfigError(f"{task.name}: a problem does not fit in seq_len={seq_len}")
         self.task, self.seq_len, self.seed = task, seq_len, seed
         self.answers_only = answers_only
-        self.skipped = 0
         self.n_per_epoch = None
 
     def fingerprint(self) -> list:

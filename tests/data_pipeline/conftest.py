@@ -35,20 +35,24 @@ def read_windows(root: Path, split: str = "train") -> list[tuple[np.ndarray, np.
     return out
 
 
-@pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory) -> Path:
-    """~60 windows of 16 tokens in 9 shards of up to 7 (byte tokenizer)."""
-    src = tmp_path_factory.mktemp("src")
-    (src / "docs.txt").write_text("\n".join(make_docs(30, seed=1, max_len=8)) + "\n")
-    out = tmp_path_factory.mktemp("ds") / "small"
+def prepare_docs(docs: list[str], src: Path, out: Path, seq_len: int, per_shard: int) -> Path:
+    """Documents, one a line in ``src``/docs.txt, prepared into ``out`` (byte tokenizer)."""
+    (src / "docs.txt").write_text("\n".join(docs) + "\n")
     prepare_dataset(
         PrepareConfig(
             inputs=[str(src / "docs.txt")],
             output=str(out),
             text_unit="line",
-            seq_len=16,
-            samples_per_shard=7,
+            seq_len=seq_len,
+            samples_per_shard=per_shard,
             progress=False,
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """53 windows of 16 tokens in 8 shards of up to 7 (byte tokenizer)."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("ds") / "small"
+    return prepare_docs(make_docs(30, seed=1, max_len=8), src, out, seq_len=16, per_shard=7)
