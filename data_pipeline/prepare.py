@@ -13,6 +13,7 @@ Layout of the output directory::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -40,6 +41,7 @@ from data_pipeline.shards import MANIFEST, Manifest, ShardInfo, ShardWriter, tok
 from data_pipeline.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
+FIELD_PROBE_RECORDS = 1000  # JSONL records read up front to check that --field exists
 
 
 @dataclass
@@ -262,6 +264,35 @@ def _val_selector(cfg: PrepareConfig, files: list[Path]) -> Callable[[int], bool
     return lambda i: False
 
 
+def _check_field(cfg: PrepareConfig, files: list[Path]) -> None:
+    """Refuse a JSONL ``--field`` that none of the first records has, before anything is written:
+    a typo, not a dataset of bad records (it would make an empty dataset). Names the fields seen.
+    (Parquet inputs check their column when opened.)"""
+    jsonl = [f for f in files if detect_format(f, cfg.format) == "jsonl"]
+    seen: set[str] = set()
+    objects = 0
+    with contextlib.closing(iter_documents(jsonl, "jsonl", cfg.field, cfg.text_unit)) as docs:
+        for _path, doc in docs:
+            try:
+                value = json.loads(doc.data) if doc is not None else None
+            except ValueError:  # a malformed record is counted later, as a bad record
+                continue
+            if not isinstance(value, dict):
+                continue
+            if cfg.field in value:
+                return
+            seen.update(map(str, value))
+            objects += 1
+            if objects == FIELD_PROBE_RECORDS:
+                break
+    if objects:
+        first = ", the first ones" if objects == FIELD_PROBE_RECORDS else ""
+        raise DataConfigError(
+            f"--field {cfg.field!r}: no JSONL record has it ({objects} checked{first}); fields"
+            f" seen: {sorted(seen)[:20]}"
+        )
+
+
 # ------------------------------------------------------------------------------- output dir
 
 
@@ -360,6 +391,7 @@ def prepare_dataset(cfg: PrepareConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     files = expand_inputs(cfg.inputs)
+    _check_field(cfg, files)
     out = Path(cfg.output)
     tmp = _claim_output(out, cfg.overwrite)
     try:

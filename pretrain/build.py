@@ -30,6 +30,7 @@ from pretrain.curriculum import Stage, resolve_stages
 from pretrain.models import build_model
 from pretrain.models.kernel_backends import apply_kernel_backends
 from pretrain.models.lm import CausalLM
+from pretrain.preflight import preflight
 from pretrain.trainer import Tracker, Trainer
 
 logger = logging.getLogger("pretrain")
@@ -127,6 +128,7 @@ def run_training(
         ConfigError: an impossible parallel layout for the launcher's world size, before the
             process group starts (so every rank exits at once, and nothing is written).
     """
+    preflight(cfg)  # this machine, files, run dir: fails before anything is written
     resolve_parallel_dims(cfg, launcher_world_size())
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:

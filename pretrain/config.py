@@ -18,10 +18,12 @@ import yaml
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataConfigError
+from data_pipeline.synthetic import TASKS, build_task
+from kernels.backends import AUTOTUNING
 from parallel.dims import DIM_KEYS, PKM_SHARD_DIMS, ParallelDims, layout_problems
 from pretrain.config_errors import ConfigError
 from pretrain.curriculum import CurriculumConfig, StageConfig
-from pretrain.data_config import DataConfig
+from pretrain.data_config import DataConfig, source_reads
 from pretrain.models.config import ModelConfig, model_config_problems, uses_ssm
 from pretrain.models.registry import get_family, uses_component
 from pretrain.train_config import (
@@ -77,6 +79,12 @@ class KernelsConfig:
         for op, choices in KERNEL_BACKENDS.items():
             if getattr(self, op) not in choices:
                 raise ConfigError(f"kernels.{op}: must be one of {list(choices)}")
+        for op, backend in sorted(AUTOTUNING):
+            if self.deterministic and getattr(self, op) == backend:
+                raise ConfigError(
+                    f"kernels.{op}={backend} autotunes its kernels, which kernels.deterministic"
+                    f"=true forbids; choose one of {[c for c in KERNEL_BACKENDS[op] if c != backend]}"
+                )
 
 
 @dataclass
@@ -124,7 +132,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, item_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_tp, f"{key} key {k!r}"): _coerce(v, item_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key)
     if tp is Any:
@@ -196,7 +208,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from None
     return tree
 
 
@@ -233,6 +248,7 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
         if stage.mixture and sum(stage.mixture.values()) <= 0:
             problems.append(f"{key}.mixture: weights must not all be 0")
         problems += _stage_recurrence_problems(cfg.model, stage.recurrence, key)
+    problems += synthetic_source_problems(cfg)
     if cfg.parallel.backend == "deepspeed" and cfg.train.compile:
         problems.append("train.compile: not supported with parallel.backend=deepspeed")
     host_sized = cfg.kernels.moe in ("torch", "megablocks")
@@ -246,6 +262,61 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
         )
     problems += parallel_layout_problems(cfg, world_size=None)[0]
     return problems
+
+
+def planned_reads(cfg: RunConfig) -> list[set[tuple[str, int]]]:
+    """For each data source, the (split, seq_len) pairs this run will read it at."""
+    tc = cfg.train
+    stages = [(s.seq_len or tc.seq_len, s.mixture) for s in cfg.curriculum.stages]
+    return source_reads(
+        cfg.data, stages or [(tc.seq_len, {})], tc.seq_len if tc.eval_every else None
+    )
+
+
+def synthetic_source_problems(cfg: RunConfig) -> list[str]:
+    """Synthetic sources with an unknown task, unknown or mistyped settings, settings the task
+    refuses (for ``model.vocab_size``), or problems longer than a row they are read at."""
+    problems = []
+    reads = planned_reads(cfg)
+    for i, src in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}]"
+        if src.task is None:
+            continue
+        if src.task not in TASKS:
+            problems.append(f"{key}.task: unknown task {src.task!r}; known: {sorted(TASKS)}")
+            continue
+        try:
+            task = build_task(src.task, cfg.model.vocab_size, **_typed_task_args(src, key))
+        except ConfigError as err:
+            problems.append(str(err))
+            continue
+        except (ValueError, ArithmeticError) as err:  # the task's own checks (DataConfigError)
+            problems.append(f"{key}.task_args: {err} (model.vocab_size={cfg.model.vocab_size})")
+            continue
+        for _, seq_len in sorted(reads[i]):
+            if task.max_len(seq_len) > seq_len:
+                problems.append(
+                    f"{key}: a {src.task} problem takes up to {task.max_len(seq_len)} tokens,"
+                    f" more than the seq_len={seq_len} it is read at"
+                )
+    return problems
+
+
+def _typed_task_args(src: SourceConfig, key: str) -> dict[str, Any]:
+    """``src.task_args`` checked against its task's fields: an unknown or mistyped setting is an
+    error naming its dotted key (the task's own checks then run on values of the right type)."""
+    cls = TASKS[src.task]
+    hints = typing.get_type_hints(cls)
+    allowed = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name != "vocab_size")
+    typed = {}
+    for name, value in src.task_args.items():
+        dotted = f"{key}.task_args.{name}"
+        if name not in allowed:
+            raise ConfigError(
+                f"unknown config key '{dotted}'; allowed keys of task {src.task}: {allowed}"
+            )
+        typed[name] = _coerce(value, hints[name], dotted)
+    return typed
 
 
 def moe_experts_per_layer(cfg: RunConfig) -> int | None:
@@ -365,8 +436,8 @@ def resolve_parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
     """
     problems, sizes = parallel_layout_problems(cfg, world_size)
     if problems:
-        raise ConfigError(
-            f"impossible parallel layout on {world_size} ranks:\n  - " + "\n  - ".join(problems)
+        raise ConfigError.from_problems(
+            f"impossible parallel layout on {world_size} ranks", problems
         )
     return ParallelDims(**sizes)
 
@@ -375,7 +446,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     """Raise one ConfigError listing every problem of ``cfg``."""
     problems = run_config_problems(cfg)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.from_problems("invalid config", problems)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -394,11 +465,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read: {err}") from None
+        if data is None:  # an empty file would silently train the default model
+            raise ConfigError(
+                f"config file {path} is empty; it must hold a mapping of sections"
+                f" {[f.name for f in dataclasses.fields(RunConfig)]}"
+            )
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections at the top level, got"
+                f" {type(data).__name__} {data!r:.60}"
+            )
     data = _merge(data, parse_overrides(overrides or []))
     cfg = from_dict(RunConfig, data)
     validate_run_config(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from parallel.dims import PKM_SHARD_DIMS
@@ -10,11 +11,35 @@ from pretrain.config_errors import ConfigError
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
+# The stores MLflow's tracking-store registry opens (besides a plain local path): a file store,
+# a tracking server, Databricks / Unity Catalog, and SQLAlchemy databases. Anything else would
+# only fail later, in the background, while training runs untracked.
+TRACKING_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc")
+TRACKING_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # each may add "+driver"
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def tracking_uri_problem(uri: str, key: str) -> str | None:
+    """Why MLflow cannot open the tracking store ``uri`` (named ``key`` in the message), or None.
+
+    A string without a scheme (or with a one-letter Windows drive) is a local path.
+    """
+    match = _URI_SCHEME.match(uri)
+    if match is None or len(match.group(1)) == 1:
+        return None
+    scheme = match.group(1).lower()
+    if scheme in TRACKING_SCHEMES or scheme.split("+")[0] in TRACKING_DB_SCHEMES:
+        return None
+    return (
+        f"{key}={uri!r}: unsupported scheme '{scheme}'; allowed: a local path or a URI with"
+        f" scheme {list(TRACKING_SCHEMES + TRACKING_DB_SCHEMES)} (databases may add +driver,"
+        " e.g. postgresql+psycopg2://)"
+    )
 
 
 @dataclass
@@ -132,6 +157,12 @@ class TrackingConfig:
     # at the first checkpoint, how long to wait for the new MLflow run to exist so that the
     # checkpoint can name it (a resume then continues that run); the wait ends when it exists
     run_id_wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        problem = tracking_uri_problem(self.uri, "tracking.uri") if self.uri else None
+        if problem:
+            raise ConfigError(problem)
+        _require(self.run_id_wait_s >= 0, "tracking.run_id_wait_s", "must be >= 0")
 
 
 @dataclass

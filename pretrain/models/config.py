@@ -243,4 +243,4 @@ def validate_model_config(cfg: ModelConfig) -> None:
     """Raise one ConfigError listing every cross-field problem of ``cfg``."""
     problems = model_config_problems(cfg)
     if problems:
-        raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.from_problems("invalid model config", problems)
