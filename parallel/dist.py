@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 import torch.distributed as dist
 
+from parallel.rendezvous import generation_store, uses_agent_store
+
 if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
 
@@ -84,10 +86,16 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        # under torchrun, a key space of this start's own, so a restart never meets the dead
+        # attempt's addresses (parallel/rendezvous.py); other launchers start a fresh store
+        store = generation_store(rank, world, timeout_s) if uses_agent_store() else None
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
+            store=store,
+            rank=rank if store is not None else -1,
+            world_size=world if store is not None else -1,
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 

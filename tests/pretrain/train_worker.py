@@ -33,6 +33,25 @@ def stop_after(trainer: Trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
+def inject_fault(trainer: Trainer, spec: str) -> None:
+    """``RANK:STEP:SIGNAL`` (e.g. ``1:5:KILL``): that rank sends itself SIGNAL once it has done
+    optimizer step STEP, in the launcher's first attempt only (a restart then runs clean)."""
+    import signal
+
+    rank, step, name = spec.split(":")
+    if trainer.info.rank != int(rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    original = trainer.train_step
+
+    def train_step(stage):
+        metrics = original(stage)
+        if trainer.state.step == int(step):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        return metrics
+
+    trainer.train_step = train_step
+
+
 def dump_first_gradients(trainer: Trainer, path: Path) -> None:
     """The full (unsharded) gradient of every parameter at the first step, before clipping,
     written by rank 0 (``full_tensor`` gathers FSDP and expert shards)."""
@@ -139,6 +158,8 @@ def main(argv: list[str]) -> int:
         trainer = build_trainer(cfg, info, tracker_factory=make_tracker)
         if int(stop_at) > 0:
             stop_after(trainer, int(stop_at))
+        if os.environ.get("HYDRA_TEST_FAULT"):
+            inject_fault(trainer, os.environ["HYDRA_TEST_FAULT"])
         if os.environ.get("HYDRA_TEST_DUMP_GRADS"):
             dump_first_gradients(trainer, Path(cfg.run.dir) / "first_grads.safetensors")
         trainer.run()
