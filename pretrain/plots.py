@@ -1,23 +1,20 @@
 """Training curves as a PNG: what a person looks at first, written at the end of every run.
 
-Reads the rows the trainer appends to ``metrics.jsonl`` (train rows carry ``loss``, eval rows
-``eval/loss``), so a resumed run plots its whole history, not only the part since the resume.
+Plots the rows the trainer appends to ``metrics.jsonl`` (``pretrain.history``; train rows carry
+``loss``, eval rows ``eval/loss``), so a resumed run plots its whole history, not only the part
+since the resume.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from pretrain.history import read_metrics
+
+__all__ = ["plot_training_curves", "read_metrics"]  # read_metrics: callers import it from here
+
 TRAIN_PANELS = (("loss", "train loss"), ("grad_norm", "grad norm"), ("lr", "learning rate"))
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a ``metrics.jsonl`` file (empty when it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _stage_starts(train_rows: list[dict[str, float]]) -> list[tuple[int, int]]:

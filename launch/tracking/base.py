@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +24,10 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or directory as an artifact of the run (under ``artifact_path``)."""
+
+    def log_history(self, rows: Sequence[dict[str, float]]) -> None:
+        """Bring the run up to date with recorded rows (``metrics.jsonl`` up to the checkpoint a
+        resume starts from, each with its ``step``): send the points it lacks, none twice."""
 
     def wait_for_run(self, timeout_s: float) -> str | None:
         """Wait up to ``timeout_s`` for the run id (created in the background); None if not yet."""
@@ -50,6 +55,9 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Ignore artifacts."""
+
+    def log_history(self, rows: Sequence[dict[str, float]]) -> None:
+        """Ignore the history."""
 
     def wait_for_run(self, timeout_s: float) -> str | None:
         """Return ``run_id`` at once: there is nothing to wait for."""

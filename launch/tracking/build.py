@@ -7,8 +7,16 @@ import os
 from pathlib import Path
 
 from launch.tracking.base import NullTracker, Tracker
-from launch.tracking.mlflow_tracker import MlflowTracker
+from launch.tracking.mlflow_tracker import MlflowTracker, first_line
 from launch.tracking.session import MlflowSession
+from launch.tracking.sqlite_store import (
+    ARTIFACTS_DIR,
+    STORE_FILE,
+    prepare_sqlite_store,
+    relocate_artifacts,
+    sqlite_path,
+)
+from pretrain.history import METRICS_FILE
 
 logger = logging.getLogger("launch.tracking")
 
@@ -29,7 +37,7 @@ def resolve_tracking_uri(run_dir: Path, tracking_uri: str | None = None) -> str:
         return tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(run_dir).resolve() / STORE_FILE).as_posix()}"
 
 
 def is_remote_uri(uri: str) -> bool:
@@ -46,6 +54,27 @@ def apply_http_defaults() -> dict[str, str]:
     applied = {k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}
     os.environ.update(applied)
     return applied
+
+
+def prepare_local_store(uri: str, run_dir: Path, artifact_root: str) -> None:
+    """Create or repair a SQLite store now, before training (a kill then cannot half-create it),
+    and follow a moved run directory; never raises: the tracking thread retries and warns."""
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    try:
+        prepare_sqlite_store(uri, artifact_root)
+        if db.resolve() == run_dir / STORE_FILE:  # the run directory's own store
+            relocate_artifacts(db, run_dir)
+    except ImportError:
+        return  # no sqlalchemy: the tracking thread disables tracking with its own warning
+    except Exception as exc:
+        logger.warning(
+            "MLflow store %s could not be prepared (%s: %s); training continues, tracking retries",
+            db,
+            type(exc).__name__,
+            first_line(exc),
+        )
 
 
 def build_tracker(
@@ -67,7 +96,8 @@ def build_tracker(
     Args:
         enabled: tracking switched on in the config.
         run_dir: the run directory; the default store and artifacts live there
-            (``mlflow.db``, ``mlartifacts/``).
+            (``mlflow.db``, ``mlartifacts/``). A SQLite store is created, repaired or re-pointed
+            at a moved run directory before this returns (``prepare_local_store``).
         experiment: MLflow experiment name (created when missing).
         run_name: name of a new MLflow run.
         run_id: the run to continue on resume (from the checkpoint), or None for a new run.
@@ -89,19 +119,21 @@ def build_tracker(
     except Exception as exc:
         logger.warning("MLflow not importable (%s); training continues without tracking", exc)
         return NullTracker(run_id)
+    run_dir = Path(run_dir).resolve()
     uri = resolve_tracking_uri(run_dir, tracking_uri)
     if is_remote_uri(uri):
         apply_http_defaults()
         artifact_location = None  # the server decides where artifacts go
     else:
-        artifact_location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
+        artifact_location = (run_dir / ARTIFACTS_DIR).as_uri()
+        prepare_local_store(uri, run_dir, artifact_location)
     session = MlflowSession(
         tracking_uri=uri,
         experiment=experiment,
         run_name=run_name,
         artifact_location=artifact_location,
         resume_run_id=run_id,
-        tags={"run_dir": str(Path(run_dir).resolve())},
+        tags={"run_dir": str(run_dir)},
         system_metrics=system_metrics,
     )
     return MlflowTracker(
@@ -109,4 +141,5 @@ def build_tracker(
         flush_interval_s=flush_interval_s,
         close_timeout_s=close_timeout_s,
         max_buffered=max_buffered,
+        history_path=run_dir / METRICS_FILE,
     )

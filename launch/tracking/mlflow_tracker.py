@@ -4,7 +4,11 @@ The training thread only formats and appends to a bounded buffer; one daemon thr
 continues) the run and sends batches with ``MlflowClient.log_batch``. When the store fails, the
 thread warns once, keeps the data buffered (dropping the oldest metrics past the bound) and
 retries with backoff; it warns once more when the store answers again. ``close()`` waits for the
-flush at most ``close_timeout_s`` seconds.
+flush at most ``close_timeout_s`` seconds, and names in one warning what the store never got.
+
+On resume the trainer hands over the recorded history (``log_history``): before live points, the
+thread sends every recorded point the run lacks, so a hard kill that lost buffered points leaves
+no hole once the run resumes.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.tracking.backlog import HistoryBacklog
 from launch.tracking.buffer import ArtifactItem, MetricPoint, TrackingBuffer
 from launch.tracking.params import flatten_config, sanitize_key
 from launch.tracking.session import MAX_METRICS_PER_BATCH, MlflowSession, is_permanent
@@ -41,6 +47,8 @@ class MlflowTracker:
             wakes when a full batch is waiting).
         close_timeout_s: the most ``close()`` waits for the last flush.
         max_buffered: the most metric points held while the store is unreachable.
+        history_path: the file that records every logged point (``metrics.jsonl``), named when
+            points could not be sent.
     """
 
     def __init__(
@@ -49,9 +57,12 @@ class MlflowTracker:
         flush_interval_s: float = 2.0,
         close_timeout_s: float = 15.0,
         max_buffered: int = 100_000,
+        history_path: Path | None = None,
     ) -> None:
         self._session = session
         self._buffer = TrackingBuffer(max_buffered)
+        self._backlog = HistoryBacklog()
+        self._history_path = history_path
         self._flush_interval_s = flush_interval_s
         self._close_timeout_s = close_timeout_s
         self._lock = threading.Lock()
@@ -65,6 +76,7 @@ class MlflowTracker:
         self._disabled = False
         self._healthy = True
         self._drop_warned = False  # one warning per outage
+        self._drops_reported = 0  # dropped points already named in a warning
         self._warned_values: set[str] = set()
         self._key_cache: dict[str, str] = {}
         self._inflight: list[MetricPoint] = []
@@ -87,8 +99,8 @@ class MlflowTracker:
 
     @property
     def pending_metrics(self) -> int:
-        """Metric points not yet sent."""
-        return len(self._buffer) + len(self._inflight)
+        """Metric points not yet sent (history points count until their key is compared)."""
+        return len(self._buffer) + len(self._inflight) + len(self._backlog)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Queue a (nested) config as params with flattened dotted keys."""
@@ -123,6 +135,14 @@ class MlflowTracker:
             logger.warning("MLflow artifact queue full; dropped the oldest pending upload")
         self._wake.set()
 
+    def log_history(self, rows: Sequence[dict[str, float]]) -> None:
+        """Queue recorded rows (each with ``step``): the thread sends, before any live point, those
+        the run does not hold, reading the run's history of each key once; none is sent twice."""
+        if not rows or not self._accepting():
+            return
+        self._backlog.add(rows)
+        self._wake.set()
+
     def wait_for_run(self, timeout_s: float) -> str | None:
         """Wait up to ``timeout_s`` for the run to exist in the store; returns its id or None."""
         self._run_ready.wait(timeout_s)
@@ -140,16 +160,32 @@ class MlflowTracker:
         self._closing.set()
         self._wake.set()
         self._thread.join(self._close_timeout_s)
-        if self._thread.is_alive():
-            metrics, params, artifacts = self._buffer.counts()
-            logger.warning(
-                "MLflow tracking did not finish within %.0f s; left unsent: %d metric points,"
-                " %d params, %d artifacts",
-                self._close_timeout_s,
-                metrics + len(self._inflight),
-                params,
-                artifacts,
-            )
+        self._report_unsent()
+
+    def _report_unsent(self) -> None:
+        """One warning naming what the store never got, and where the metrics still are."""
+        metrics, params, artifacts = self._buffer.counts()
+        unsent = metrics + len(self._inflight) + len(self._backlog)
+        dropped = self._buffer.dropped_metrics - self._drops_reported
+        if not (unsent or dropped or params or artifacts):
+            return
+        why = (
+            f"not done within close_timeout_s={self._close_timeout_s:g}"
+            if self._thread.is_alive()
+            else "the store failed until the end"
+        )
+        logger.warning(
+            "MLflow unsent at close: %d metric points (and %d dropped earlier from the full"
+            " buffer), %d params, %d artifacts for %s (%s); the metrics are kept in %s, and a"
+            " resume of this run sends what its store lacks",
+            unsent,
+            dropped,
+            params,
+            artifacts,
+            _redact(self._session.tracking_uri),
+            why,
+            self._history_path or "metrics.jsonl",
+        )
 
     def _close_at_exit(self) -> None:
         # The trainer closes explicitly; reaching here means it did not finish normally.
@@ -229,8 +265,24 @@ class MlflowTracker:
                     self._buffer.restore_params(params)
                     raise
                 logger.warning("MLflow rejected params (%s); dropped", exc)
+        self._drain_history()  # the recorded past before the live present
         self._drain_metrics()
         self._drain_artifacts()
+
+    def _drain_history(self) -> None:
+        # A failure leaves the key in the backlog; the retry reads its history again, so a batch
+        # that reached the store without an answer is not sent twice.
+        while (raw_key := self._backlog.next_key()) is not None:
+            key = self._metric_key(raw_key)
+            values = self._backlog.values(raw_key)
+            stored = self._session.stored_steps(key)
+            now_ms = time.time_ns() // 1_000_000  # jsonl rows carry no time: the replay's
+            missing = [MetricPoint(key, v, now_ms, s) for s, v in values.items() if s not in stored]
+            for i in range(0, len(missing), MAX_METRICS_PER_BATCH):
+                self._send_or_drop(missing[i : i + MAX_METRICS_PER_BATCH])
+            if values:
+                self._session.mark_logged(key, max(values))
+            self._backlog.done(raw_key)
 
     def _drain_metrics(self) -> None:
         while True:
@@ -241,15 +293,17 @@ class MlflowTracker:
                 self._inflight = self._session.new_points(taken)
                 if not self._inflight:
                     continue
-            try:
-                self._session.send_metrics(self._inflight)
-            except Exception as exc:
-                if not is_permanent(exc):
-                    raise
-                logger.warning(
-                    "MLflow rejected %d metric points (%s); dropped", len(self._inflight), exc
-                )
+            self._send_or_drop(self._inflight)
             self._inflight = []
+
+    def _send_or_drop(self, points: list[MetricPoint]) -> None:
+        """Send a batch; one the store rejects as invalid is dropped (retrying cannot fix it)."""
+        try:
+            self._session.send_metrics(points)
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            logger.warning("MLflow rejected %d metric points (%s); dropped", len(points), exc)
 
     def _drain_artifacts(self) -> None:
         while (item := self._buffer.take_artifact()) is not None:
@@ -271,7 +325,7 @@ class MlflowTracker:
                 " buffering up to %d metric points and retrying in the background",
                 _redact(self._session.tracking_uri),
                 type(exc).__name__,
-                _first_line(exc),
+                first_line(exc),
                 self._buffer.max_metrics,
             )
 
@@ -284,6 +338,7 @@ class MlflowTracker:
                 _redact(self._session.tracking_uri),
                 self._buffer.dropped_metrics,
             )
+            self._drops_reported = self._buffer.dropped_metrics
             self._drop_warned = False
 
     def _disable(self, exc: Exception) -> None:
@@ -297,7 +352,8 @@ class MlflowTracker:
         )
 
 
-def _first_line(exc: BaseException, limit: int = 500) -> str:
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """The first line of an error's message, cut at ``limit`` characters (for one-line logs)."""
     text = str(exc).strip().splitlines()
     return text[0][:limit] if text else ""
 

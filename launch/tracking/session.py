@@ -183,6 +183,14 @@ class MlflowSession:
                 kept.append(p)
         return kept
 
+    def stored_steps(self, key: str) -> set[int]:
+        """The steps at which the run holds ``key``: its whole history, read once per resume."""
+        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+
+    def mark_logged(self, key: str, step: int) -> None:
+        """Count ``key`` as logged up to ``step``: later live points at or below it are replays."""
+        self.last_steps[key] = max(step, self.last_steps.get(key, -1))
+
     def send_params(self, params: dict[str, str]) -> None:
         """Log params MLflow does not hold yet; a changed value keeps the first one, warned."""
         from mlflow.entities import Param

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import socket
+import sqlite3
+import subprocess
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +225,12 @@ def test_resume_appends_to_same_run_and_skips_logged_steps(run_dir: Path, caplog
 def test_resume_with_unknown_run_id_starts_a_new_run(run_dir: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     tracker = _tracker(run_dir, run_id="0" * 32)
+    tracker.log_history([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}])  # all of it
     tracker.log_metrics({"loss": 1.0}, step=3)
     new_id = tracker.wait_for_run(10)
     tracker.close()
     assert new_id is not None and new_id != "0" * 32 and tracker.run_id == new_id
-    assert _history(_client(run_dir), new_id, "loss") == [(3, 1.0)]
+    assert _history(_client(run_dir), new_id, "loss") == [(1, 0.5), (2, 0.25), (3, 1.0)]
     assert _messages(caplog, "not found")
 
 
@@ -372,3 +377,191 @@ def test_outage_buffers_then_recovers_with_one_warning_each_way(run_dir: Path, c
     assert _history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(12)]
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"late.param": "1"}
+
+
+# ---------------------------------------------------------------------- history after a kill
+
+
+class _HoldingClient:
+    """A real client that holds every metric batch with a step >= ``hold_from`` (setting
+    ``held``) until ``dead`` is set; from then on every call fails: a process killed with those
+    points still in its buffer."""
+
+    def __init__(self, client: MlflowClient, hold_from: int) -> None:
+        self._client = client
+        self._hold_from = hold_from
+        self.held = threading.Event()
+        self.dead = threading.Event()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            if any(m.step >= self._hold_from for m in kwargs.get("metrics") or []):
+                self.held.set()
+                self.dead.wait(120)
+            if self.dead.is_set():
+                raise MlflowException("API request failed: Connection refused")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _log_rows(tracker: MlflowTracker, rows: list[dict]) -> None:
+    for row in rows:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def test_history_fills_what_a_killed_tracker_never_sent(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    store = f"sqlite:///{run_dir / 'mlflow.db'}"
+    held = _HoldingClient(MlflowClient(tracking_uri=store), hold_from=3)
+    session = MlflowSession(store, "exp", "killed", client_factory=lambda uri: held)
+    metrics_file = run_dir / "metrics.jsonl"
+    first = MlflowTracker(
+        session, flush_interval_s=0.05, close_timeout_s=1.0, history_path=metrics_file
+    )
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 0.1 * s} for s in range(1, 6)]
+    _log_rows(first, rows[:2])
+    assert _wait_for(lambda: first.pending_metrics == 0)  # steps 1, 2 reach the store
+    _log_rows(first, rows[2:])
+    assert held.held.wait(60)
+    held.dead.set()  # killed: steps 3..5 never leave the buffer
+    first.close(status="KILLED")
+    unsent = _messages(caplog, "unsent at close")
+    assert len(unsent) == 1 and "6 metric points" in unsent[0] and str(metrics_file) in unsent[0]
+    run_id = first.run_id
+    assert _history(_client(run_dir), run_id, "loss") == [(1, 1.0), (2, 0.5)]
+
+    # The resume from the checkpoint at step 4 hands over metrics.jsonl up to it.
+    second = _tracker(run_dir, run_id=run_id, close_timeout_s=120)  # ends once all is sent
+    second.log_history(rows[:4])
+    _log_rows(second, [{"step": 5, "loss": 105.0, "lr": 0.5}, {"step": 6, "loss": 106.0}])
+    second.close()
+
+    client = _client(run_dir)
+    assert _history(client, run_id, "loss") == [
+        *((s, 1.0 / s) for s in range(1, 5)),
+        (5, 105.0),
+        (6, 106.0),
+    ]
+    assert _history(client, run_id, "lr") == [*((s, 0.1 * s) for s in range(1, 5)), (5, 0.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(_messages(caplog, "unsent at close")) == 1  # the second sent everything
+
+
+def test_history_fills_a_hole_in_the_middle_once(run_dir: Path) -> None:
+    # e.g. points dropped from a full buffer during a long outage: the store has 1, 2, 4
+    first = _tracker(run_dir)
+    for step in (1, 2, 4):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.close(status="KILLED")
+    rows = [{"step": s, "loss": 10.0 + s} for s in range(1, 6)]
+    rows.append({"step": 5, "loss": -1.0})  # a step recorded twice (a rollback): first kept
+    second = _tracker(run_dir, run_id=first.run_id, close_timeout_s=120)
+    second.log_history(rows)
+    second.log_metrics({"loss": 16.0}, step=6)
+    second.close()
+    expected = [(1, 1.0), (2, 2.0), (3, 13.0), (4, 4.0), (5, 15.0), (6, 16.0)]
+    assert _history(_client(run_dir), first.run_id, "loss") == expected
+
+
+# ---------------------------------------------------------------------- the local store
+
+
+def _tables(db: Path) -> set[str]:
+    with closing(sqlite3.connect(db)) as conn:
+        return {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _roll_back_schema(db: Path) -> None:
+    """Set the schema one revision behind MLflow's newest: what a start killed during the last
+    migration leaves, and MLflow's "Detected out-of-date database schema" ever after."""
+    import mlflow.store
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(Path(mlflow.store.__file__).parent / "db_migrations"))
+    previous = scripts.get_revision(scripts.get_current_head()).down_revision
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (previous,))
+
+
+def test_store_is_created_whole_before_the_tracker_returns(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = run_dir / f"mlflow.db.creating-{gone.pid}-0"  # a start killed while creating
+    killed.write_bytes(b"half")
+    running = run_dir / f"mlflow.db.creating-{os.getpid()}-0"  # one still being made
+    running.write_bytes(b"half")
+    tracker = _tracker(run_dir)
+    tables = _tables(run_dir / "mlflow.db")  # before the tracking thread was waited for
+    tracker.close()
+    assert {"alembic_version", "experiments", "runs", "metrics"} <= tables
+    assert list(run_dir.glob("mlflow.db.creating-*")) == [running]
+
+
+@pytest.mark.parametrize("damage", ["empty", "not_a_database", "schema_behind"])
+def test_half_initialised_store_is_moved_aside_and_recreated(
+    run_dir: Path, caplog, damage: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    db = run_dir / "mlflow.db"
+    if damage == "empty":
+        db.write_bytes(b"")
+    elif damage == "not_a_database":
+        db.write_bytes(b"SQLite format 3\x00" + b"\x07" * 100)
+    else:
+        _roll_back_schema(db)
+    tracker = _tracker(run_dir)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.close()
+    assert _history(_client(run_dir), tracker.run_id, "loss") == [(1, 1.0)]
+    moved = _messages(caplog, "moved to")
+    assert len(moved) == 1 and str(db) in moved[0] and "holds no run" in moved[0]
+    assert len(list(run_dir.glob("mlflow.db.broken-*"))) == 1  # kept, not deleted
+
+
+def test_store_that_holds_runs_is_never_moved(run_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    db = run_dir / "mlflow.db"
+    with closing(sqlite3.connect(db)) as conn, conn:  # a run, without opening it through MLflow
+        conn.execute(
+            "INSERT INTO runs (run_uuid, experiment_id, lifecycle_stage, status, start_time)"
+            " VALUES ('r0', 0, 'active', 'FINISHED', 0)"
+        )
+    _roll_back_schema(db)
+    tracker = _tracker(run_dir, close_timeout_s=1.0)
+    tracker.close()
+    problems = _messages(caplog, "could not be prepared")
+    assert len(problems) == 1 and str(db) in problems[0] and "out-of-date" in problems[0]
+    assert not list(run_dir.glob("mlflow.db.broken-*"))
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT run_uuid FROM runs").fetchall() == [("r0",)]
+
+
+def test_artifacts_follow_a_moved_run_dir(run_dir: Path, tmp_path: Path) -> None:
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    (run_dir / "config.yaml").write_text("a: 1\n")
+    first = _tracker(run_dir)
+    first.log_artifact(run_dir / "config.yaml")
+    first.close()
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(run_dir, moved)
+    tracking_utils._artifact_repos_cache.pop(first.run_id, None)  # a resume is a new process
+
+    second = _tracker(moved, run_id=first.run_id)
+    (moved / "plots").mkdir()
+    (moved / "plots" / "training.png").write_bytes(b"png")
+    second.log_artifact(moved / "plots" / "training.png", "plots")
+    second.close()
+
+    client = _client(moved)
+    run = client.get_run(first.run_id)
+    assert run.info.artifact_uri.startswith((moved / "mlartifacts").as_uri() + "/")
+    assert run.data.tags["run_dir"] == str(moved)
+    assert {a.path for a in client.list_artifacts(first.run_id)} == {"config.yaml", "plots"}
+    assert next((moved / "mlartifacts").rglob("training.png")).read_bytes() == b"png"
+    assert not run_dir.exists()  # nothing recreated at the old place

@@ -47,12 +47,13 @@ def run_training(
     nproc: int = 1,
     env: dict | None = None,
     config: str = TINY,
+    worker: Path = WORKER,
 ) -> subprocess.CompletedProcess:
     """Train ``config`` (FAST) in a subprocess (``nproc`` > 1: torchrun with gloo); raises with
-    its output on failure."""
+    its output on failure. ``worker``: a script taking ``train_worker.py``'s arguments."""
     args = [config, str(stop_at), *FAST, f"run.dir={run_dir}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, str(WORKER), *args]
+        cmd = [sys.executable, str(worker), *args]
     else:
         cmd = [
             sys.executable,
@@ -61,7 +62,7 @@ def run_training(
             f"--nproc_per_node={nproc}",
             "--master_addr=127.0.0.1",
             f"--master_port={free_port()}",
-            str(WORKER),
+            str(worker),
             *args,
         ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
