@@ -44,14 +44,21 @@ def make_tracker(cfg, info, run_dir: Path, run_id: str | None):
 
 
 def train_main(config: str, overrides: list[str]) -> int:
-    """Load the config, train, return the exit code (2 for a config error)."""
+    """Load the config, train, return the exit code (2 for a config error).
+
+    The stop handler comes first, before torch is even imported, and stays until the process
+    exits: SIGTERM at any moment then ends in a saved step or a clean exit before the first one.
+    """
+    from pretrain.stop_signal import StopSignal
+
+    stop = StopSignal().install()
     from pretrain.build import run_training
     from pretrain.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(config, overrides)
-        run_training(cfg, tracker_factory=make_tracker)
+        run_training(cfg, tracker_factory=make_tracker, stop=stop)
     except ConfigError as err:  # a bad key or value, or a layout the world size cannot take
         print(f"config error: {err}", file=sys.stderr)
         return 2

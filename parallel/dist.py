@@ -36,6 +36,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 600.0  # how long a collective may wait (parallel.timeout_s, resolved)
     dp_rank: int = -1
     dp_world: int = -1
 
@@ -68,12 +69,17 @@ def launcher_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
+CPU_TIMEOUT_S = 60  # gloo on CPU: a hang is found in a minute (tests, drills, CPU runs)
+GPU_TIMEOUT_S = 600  # NCCL: first-step compilation and large checkpoints take minutes
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK and start the process group (nccl on CUDA, else gloo).
 
     Args:
         device: ``auto`` | ``cpu`` | ``cuda``.
-        timeout_s: collectives that hang longer fail with an error instead of waiting forever.
+        timeout_s: collectives that hang longer fail with an error instead of waiting forever,
+            in every group (the device mesh's too); None: ``CPU_TIMEOUT_S`` or ``GPU_TIMEOUT_S``.
     """
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -85,7 +91,11 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    if timeout_s is None:
+        timeout_s = GPU_TIMEOUT_S if use_cuda else CPU_TIMEOUT_S
     if world > 1 and not dist.is_initialized():
+        # groups made later (the device mesh's) take torch's 30-minute default otherwise
+        dist.distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
         # under torchrun, a key space of this start's own, so a restart never meets the dead
         # attempt's addresses (parallel/rendezvous.py); other launchers start a fresh store
         store = generation_store(rank, world, timeout_s) if uses_agent_store() else None
@@ -97,7 +107,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
             rank=rank if store is not None else -1,
             world_size=world if store is not None else -1,
         )
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local_rank, device=dev, timeout_s=timeout_s
+    )
 
 
 def all_reduce_max(value: float, info: DistInfo) -> float:

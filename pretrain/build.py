@@ -17,6 +17,7 @@ from kernels.backends import select_backends
 from parallel.context import ContextGroup
 from parallel.dist import DistInfo, init_distributed, launcher_world_size, shutdown
 from parallel.mesh import ParallelMesh
+from parallel.progress import ProgressBoard
 from pretrain.backend import (
     CheckpointStore,
     NoCheckpoints,
@@ -31,6 +32,7 @@ from pretrain.models import build_model
 from pretrain.models.kernel_backends import apply_kernel_backends
 from pretrain.models.lm import CausalLM
 from pretrain.preflight import preflight
+from pretrain.stop_signal import StopSignal
 from pretrain.trainer import Tracker, Trainer
 
 logger = logging.getLogger("pretrain")
@@ -88,10 +90,12 @@ def build_trainer(
     info: DistInfo,
     tracker_factory: TrackerFactory | None = None,
     log: Callable[[str], None] = print,
+    stop: StopSignal | None = None,
 ) -> Trainer:
     """Everything the loop needs. ``tracker_factory(cfg, info, run_dir, run_id)`` makes the
     experiment tracker once the run id to continue (from a checkpoint) is known; ``None`` tracks
-    nothing."""
+    nothing. ``stop``: the entry point's signal handler (default: the trainer installs its own
+    for the length of ``run``)."""
     run_dir = Path(cfg.run.dir)
     mesh = build_mesh(cfg, info)  # an impossible layout fails here, before anything is written
     info = info.with_mesh(mesh)
@@ -114,6 +118,8 @@ def build_trainer(
         ),
         run_dir=run_dir,
         log=log if info.is_main else (lambda message: None),
+        stop=stop or StopSignal(),
+        progress=ProgressBoard(info.rank, info.world_size, info.timeout_s),
     )
 
 
@@ -121,17 +127,28 @@ def run_training(
     cfg: RunConfig,
     tracker_factory: TrackerFactory | None = None,
     log: Callable[[str], None] = print,
+    stop: StopSignal | None = None,
 ) -> list[dict[str, float]]:
     """Initialise the process group from the launcher's environment, train, shut down.
+
+    ``stop``: the handler an entry point installed first thing, kept to the process's exit (a
+    signal during start-up then stops the run cleanly before its first step); without one, the
+    handler is installed here, still before the process group and the model.
 
     Raises:
         ConfigError: an impossible parallel layout for the launcher's world size, before the
             process group starts (so every rank exits at once, and nothing is written).
     """
-    preflight(cfg)  # this machine, files, run dir: fails before anything is written
-    resolve_parallel_dims(cfg, launcher_world_size())
-    info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    own_handler = stop is None
+    stop = stop or StopSignal().install()
     try:
-        return build_trainer(cfg, info, tracker_factory, log).run()
+        preflight(cfg)  # this machine, files, run dir: fails before anything is written
+        resolve_parallel_dims(cfg, launcher_world_size())
+        info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+        try:
+            return build_trainer(cfg, info, tracker_factory, log, stop).run()
+        finally:
+            shutdown(info)
     finally:
-        shutdown(info)
+        if own_handler:
+            stop.uninstall()

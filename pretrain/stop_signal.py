@@ -1,4 +1,10 @@
-"""SIGTERM / SIGINT -> a flag the loop checks once per step (then all ranks checkpoint and exit)."""
+"""SIGTERM / SIGINT -> a flag the loop checks once per step (then all ranks checkpoint and exit).
+
+An entry point installs the handler first thing, before the process group and the model are
+built, and keeps it until the process exits: a signal at any moment then ends in a checkpoint of
+a finished step on every rank, or a clean exit before the first step, never in a default-action
+death half-way through writing something. A second SIGINT (Ctrl-C twice) interrupts at once.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,20 @@ class StopSignal:
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():  # signals only work there
+        """Handle SIGTERM and SIGINT from now on (main thread only; a no-op when installed)."""
+        if not self.installed and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt  # asked twice: the user wants out now
         self.requested = signal.Signals(signum).name
 
     def uninstall(self) -> None:

@@ -130,7 +130,9 @@ class ParallelConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage and options
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 style)
     mixed_precision: bool = True  # bf16 params/compute with fp32 reduce, on CUDA only
-    timeout_s: int = 600  # a collective that hangs longer fails, naming rank and operation
+    # a collective (or the start of the process group) that waits longer fails, naming the
+    # rank, the phase and the ranks elsewhere (None: 60 s on CPU, 600 s on GPU)
+    timeout_s: int | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -138,7 +140,11 @@ class ParallelConfig:
             "parallel.backend",
             f"must be one of {list(PARALLEL_BACKENDS)}",
         )
-        _require(self.timeout_s >= 1, "parallel.timeout_s", "must be >= 1")
+        _require(
+            self.timeout_s is None or self.timeout_s >= 1,
+            "parallel.timeout_s",
+            "must be >= 1 (seconds) or null (60 on CPU, 600 on GPU)",
+        )
         _require(
             self.pkm_shard in PKM_SHARD_DIMS,
             "parallel.pkm_shard",

@@ -8,7 +8,6 @@ checkpoint, so an interrupted and resumed run produces the same losses as an uni
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from data_pipeline.reader import StreamingReader, build_reader
 from parallel.comm import CommStats
 from parallel.dist import DistInfo, all_reduce_max, all_reduce_mean
+from parallel.progress import ProgressBoard, is_peer_failure
 from pretrain.backend import CheckpointStore, StepEngine, iter_after_step_hooks
 from pretrain.checkpoint import capture_rng_state, restore_rng_state
 from pretrain.config import RunConfig, config_to_dict
@@ -30,12 +30,14 @@ from pretrain.context_split import ContextSplit
 from pretrain.curriculum import Stage, apply_stage
 from pretrain.data_config import reader_config
 from pretrain.evaluate import evaluate
+from pretrain.exit_status import write_exit_status
 from pretrain.flops import count_flops, device_peak_flops
+from pretrain.history import METRICS_FILE, append_metrics, read_metrics, rewrite_metrics
 from pretrain.loss import IGNORE_INDEX
 from pretrain.metrics import component_metrics, peak_memory_gib, step_shares
 from pretrain.models.lm import CausalLM
 from pretrain.optim import lr_multiplier
-from pretrain.plots import plot_training_curves, read_metrics
+from pretrain.plots import plot_training_curves
 from pretrain.stop_signal import StopSignal
 
 logger = logging.getLogger("pretrain")
@@ -56,6 +58,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_history(self, rows: list[dict[str, float]]) -> None: ...
 
     def wait_for_run(self, timeout_s: float) -> str | None: ...
 
@@ -100,11 +104,13 @@ class Trainer:
     reader_stage: int = -1
     batches: Iterator[dict[str, torch.Tensor]] | None = None
     stop: StopSignal = field(default_factory=StopSignal)
+    progress: ProgressBoard = field(default_factory=ProgressBoard)  # names a hung rank
     # per (stage, block runs): its seq_len, and the depth a looped stack trains at
     _flops_per_token: dict[tuple[int, tuple[float, ...]], float] = field(default_factory=dict)
     _saved_step: int = -1
     _run_id_waited: bool = False
     _rollbacks_to: dict[int, int] = field(default_factory=dict)  # checkpoint step -> rollbacks
+    _resumed_rows: list[dict[str, float]] = field(default_factory=list)  # for the tracker
 
     # ------------------------------------------------------------------ data
 
@@ -206,7 +212,9 @@ class Trainer:
         for group in self.engine.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         micro = self._micro_batches()
+        self.progress.enter(self.state.step + 1, "forward/backward")
         loss, aux, _ = self._forward_backward(micro)
+        self.progress.enter(self.state.step + 1, "loss check, clipping, optimizer step")
         finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, self.info) == 0.0
         grad_norm = float("nan")
         if finite:
@@ -219,6 +227,7 @@ class Trainer:
             self.engine.skip_step()
             self.state.nonfinite_streak += 1
             self.state.skipped_steps += 1
+        self.progress.enter(self.state.step + 1, "after-step hooks (MoE load all-reduce)")
         self._after_optimizer_step(stepped=finite)
         component = component_metrics(self.model) if self._is_log_step() else {}
         component.update(self.comm.metrics())
@@ -237,6 +246,8 @@ class Trainer:
             "stage": float(stage.index),
             "tokens": float(self.state.tokens),
             "skipped": 0.0 if finite else 1.0,
+            # corrupt samples this rank's reader skipped (cumulative; see docs/data.md)
+            "data/skipped_samples": float(self.reader.skipped if self.reader is not None else 0),
             **component,
             **step_shares(component, elapsed),
         }
@@ -295,20 +306,20 @@ class Trainer:
         if self._saved_step == self.state.step or not self.cfg.checkpoint.enabled:
             return
         self._saved_step = self.state.step
+        self.progress.enter(self.state.step, "checkpoint save")
         self.state.mlflow_run_id = self._shared_run_id()
         self.checkpoints.save(self.state.step, self._extra_state())
         self.log(f"checkpoint saved at step {self.state.step}")
 
     def maybe_resume(self) -> None:
-        if not self.cfg.checkpoint.resume:
-            return
-        extra = self.checkpoints.load_latest()
-        if extra is None:
+        extra = self.checkpoints.load_latest() if self.cfg.checkpoint.resume else None
+        if extra is None:  # a fresh start: rows of an earlier run in this dir would repeat steps
+            self._truncate_metrics_file(0)
             return
         self.state = TrainState(**extra["train_state"])
         self._saved_step = self.state.step
         restore_rng_state(extra["rng"])
-        self._truncate_metrics_file(self.state.step)
+        self._resumed_rows = self._truncate_metrics_file(self.state.step)
         stage = self._stage_for(self.state.step)
         if extra.get("data") is not None and extra.get("data_stage") == stage.index:
             self._open_stage_data(stage, extra["data"])
@@ -349,15 +360,18 @@ class Trainer:
         survives the process, and floats are written exactly (repr round-trips)."""
         self.history.append(row)
         if self.info.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.run_dir / METRICS_FILE, row)
 
-    def _truncate_metrics_file(self, step: int) -> None:
-        """After a resume, drop rows of steps the interrupted run did past its last checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.info.is_main and path.exists():
-            kept = [row for row in read_metrics(path) if row["step"] <= step]
-            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    def _truncate_metrics_file(self, step: int) -> list[dict[str, float]]:
+        """Rewrite ``metrics.jsonl`` (rank 0) to the rows of steps <= ``step``, the checkpoint
+        being resumed (0: a fresh start keeps nothing); steps the interrupted run did past it are
+        trained again. Returns the kept rows: the history MLflow is brought up to date from."""
+        path = self.run_dir / METRICS_FILE
+        if not (self.info.is_main and path.exists()):
+            return []
+        kept = [row for row in read_metrics(path) if row["step"] <= step] if step > 0 else []
+        rewrite_metrics(path, kept)
+        return kept
 
     def _log(self, metrics: dict[str, float]) -> None:
         step = self.state.step
@@ -375,6 +389,7 @@ class Trainer:
     def _maybe_evaluate(self) -> None:
         every = self.cfg.train.eval_every
         if every and (self.state.step % every == 0 or self.state.step == self.cfg.train.steps):
+            self.progress.enter(self.state.step, "evaluation")
             results = evaluate(
                 self.engine.module,
                 self._eval_batches(),
@@ -391,23 +406,44 @@ class Trainer:
             self.log(f"eval at step {self.state.step} | {shown}")
 
     def run(self) -> list[dict[str, float]]:
-        """Train until train.steps (or a stop signal); returns the logged metrics."""
+        """Train until train.steps (or a stop signal); returns the logged metrics.
+
+        Raises:
+            CollectiveFailure: a collective timed out or lost a peer (the message names this
+                rank, the phase and step, and the ranks that were elsewhere).
+        """
+        owns_handler = not self.stop.installed  # an entry point's handler stays to the exit
         self.stop.install()
-        status = "FAILED"
+        status, peers_lost = "FAILED", False
         try:
+            self._write_exit_status("running")
             self.maybe_resume()
             self.tracker = self.tracker_factory(self.state.mlflow_run_id)
+            resumed_rows, self._resumed_rows = self._resumed_rows, []
             if self.tracker is not None:
+                # points up to the checkpoint that a hard kill kept from the store: sent now
+                self.tracker.log_history(resumed_rows)
                 if self.state.step == 0:
                     self.tracker.log_params(config_to_dict(self.cfg))
                 self.tracker.log_artifact(self.run_dir / "config.yaml")  # this start's config
             status = self._loop()
-            self.save_checkpoint()
+            if self.state.step > 0:  # a stop before the first step of a fresh run saves nothing
+                self.save_checkpoint()
             self._write_plots()
+            self._write_exit_status("preempted" if status == "KILLED" else "finished")
             return self.history
+        except Exception as err:
+            peers_lost = is_peer_failure(err)
+            failure = self.progress.failure(err) if peers_lost else err
+            self._write_exit_status("failed", error=str(failure), retryable=peers_lost)
+            if peers_lost:  # say who stopped answering, and where
+                raise failure from err
+            raise
         finally:
-            self.stop.uninstall()
-            self.checkpoints.wait()
+            if owns_handler:
+                self.stop.uninstall()
+            if not peers_lost:  # an async save's collectives would only wait out the timeout
+                self.checkpoints.wait()
             if self.tracker is not None:
                 self.tracker.close(status=status)
 
@@ -415,6 +451,10 @@ class Trainer:
         """Steps until the end or a stop request; returns the MLflow run status to close with."""
         total = self.cfg.train.steps
         while self.state.step < total:
+            self.progress.enter(self.state.step, "stop check")
+            if self._stop_requested():  # before each step: also a signal during start-up
+                self.log(f"stop requested ({self.stop.requested}): checkpointing and exiting")
+                return "KILLED"
             stage = self._stage_for(self.state.step)
             if stage.index != self.reader_stage:
                 self._enter_stage(stage)
@@ -426,9 +466,6 @@ class Trainer:
             if every and self.state.step % every == 0:
                 self.save_checkpoint()
             self._maybe_evaluate()
-            if self._stop_requested():
-                self.log(f"stop requested ({self.stop.requested}): checkpointing and exiting")
-                return "KILLED"
         return "FINISHED"
 
     def _enter_stage(self, stage: Stage) -> None:
@@ -441,6 +478,19 @@ class Trainer:
         self._open_stage_data(stage)
         if self.tracker is not None:
             self.tracker.log_metrics({"stage": float(stage.index)}, step=self.state.step)
+
+    def _write_exit_status(self, status: str, **details: Any) -> None:
+        """How this start ended, for requeue scripts (rank 0; see ``pretrain/exit_status.py``)."""
+        if self.info.is_main:
+            saved = self._saved_step if self._saved_step >= 0 else None
+            write_exit_status(
+                self.run_dir,
+                status,
+                self.state.step,
+                checkpoint_step=saved,
+                signal=self.stop.requested,
+                **details,
+            )
 
     def _write_plots(self) -> None:
         """Training curves of the whole run (resumes included) as a PNG, and an MLflow artifact."""

@@ -35,8 +35,11 @@ def stop_after(trainer: Trainer, step: int) -> None:
 
 def inject_fault(trainer: Trainer, spec: str) -> None:
     """``RANK:STEP:SIGNAL`` (e.g. ``1:5:KILL``): that rank sends itself SIGNAL once it has done
-    optimizer step STEP, in the launcher's first attempt only (a restart then runs clean)."""
+    optimizer step STEP, in the launcher's first attempt only (a restart then runs clean).
+    ``HANG`` instead of a signal: the rank stops answering like a SIGSTOPped one, but dies at
+    the launcher's SIGTERM (a stopped process waits out torchrun's 30 s shutdown grace)."""
     import signal
+    import threading
 
     rank, step, name = spec.split(":")
     if trainer.info.rank != int(rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
@@ -45,7 +48,10 @@ def inject_fault(trainer: Trainer, spec: str) -> None:
 
     def train_step(stage):
         metrics = original(stage)
-        if trainer.state.step == int(step):
+        if trainer.state.step == int(step) and name == "HANG":
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            threading.Event().wait()
+        elif trainer.state.step == int(step):
             os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
         return metrics
 
