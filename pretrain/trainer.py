@@ -79,6 +79,7 @@ class TrainState:
     tokens: int = 0  # tokens trained on, all ranks together
     nonfinite_streak: int = 0
     skipped_steps: int = 0
+    skipped_samples: int = 0  # corrupt samples the readers of finished stages skipped (rank's)
     mlflow_run_id: str | None = None
 
 
@@ -246,13 +247,16 @@ class Trainer:
             "stage": float(stage.index),
             "tokens": float(self.state.tokens),
             "skipped": 0.0 if finite else 1.0,
-            # corrupt samples this rank's reader skipped (cumulative; see docs/data.md)
-            "data/skipped_samples": float(self.reader.skipped if self.reader is not None else 0),
+            # corrupt samples this rank's readers skipped, whole run (see docs/data.md)
+            "data/skipped_samples": float(self._skipped_samples()),
             **component,
             **step_shares(component, elapsed),
         }
         metrics.update(self._throughput_metrics(stage, tokens / elapsed))
         return metrics
+
+    def _skipped_samples(self) -> int:
+        return self.state.skipped_samples + (self.reader.skipped if self.reader is not None else 0)
 
     def _throughput_metrics(self, stage: Stage, tokens_per_s: float) -> dict[str, float]:
         # a looped stack may train at another depth each step: count what this step ran
@@ -475,6 +479,7 @@ class Trainer:
         else:
             self.log(f"stage {stage.index} ({stage.cfg.name}) from step {self.state.step}")
         self.state.stage = stage.index
+        self.state.skipped_samples = self._skipped_samples()  # the new reader counts from 0
         self._open_stage_data(stage)
         if self.tracker is not None:
             self.tracker.log_metrics({"stage": float(stage.index)}, step=self.state.step)
