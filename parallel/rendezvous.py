@@ -66,12 +66,11 @@ def _open_generation(store: dist.Store, world_size: int, timeout_s: float) -> in
     deadline = time.monotonic() + timeout_s
     missing = list(range(1, world_size))
     while missing:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RendezvousTimeout(
-                f"rank 0: ranks {missing} did not join process group generation {generation}"
-                f" within parallel.timeout_s={timeout_s:g} s (crashed or stopped before init?)"
-            )
+        left = _time_left(
+            deadline,
+            f"rank 0: ranks {missing} did not join process group generation {generation} within"
+            f" parallel.timeout_s={timeout_s:g} s (crashed or stopped before init?)",
+        )
         key = _join_key(generation, missing[0])
         try:
             store.wait([key], datetime.timedelta(seconds=min(left, _RETRY_S)))
@@ -87,12 +86,11 @@ def _join_generation(store: dist.Store, rank: int, timeout_s: float) -> int:
     nonce = uuid.uuid4().hex.encode()
     deadline = time.monotonic() + timeout_s
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RendezvousTimeout(
-                f"rank {rank}: rank 0 did not open a process group generation within"
-                f" parallel.timeout_s={timeout_s:g} s"
-            )
+        left = _time_left(
+            deadline,
+            f"rank {rank}: rank 0 did not open a process group generation within"
+            f" parallel.timeout_s={timeout_s:g} s",
+        )
         generation = int(store.add(_GENERATION, 0))
         if generation == 0:  # rank 0 has not started yet
             time.sleep(min(0.1, left))
@@ -106,6 +104,14 @@ def _join_generation(store: dist.Store, rank: int, timeout_s: float) -> int:
         if store.get(welcome) == nonce:
             return generation
         time.sleep(min(0.1, left))  # a dead attempt's answer to its own rank: rank 0 is not up
+
+
+def _time_left(deadline: float, problem: str) -> float:
+    """Seconds until ``deadline``; past it, ``RendezvousTimeout(problem)``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RendezvousTimeout(problem)
+    return left
 
 
 def _join_key(generation: int, rank: int) -> str:
