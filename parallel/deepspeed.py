@@ -11,8 +11,11 @@ maps the trainer's calls onto them:
 - ``skip_step`` (non-finite loss) runs the boundary step with every LR set to 0 and zeroed
   gradients: the weights do not move; Adam's moments decay by one step (documented limitation).
 
-Checkpoints use the engine's own sharded format (``save_checkpoint(tag)``), plus one
-``extra_rank{r}.pt`` per rank (RNG, data position, counters); ``latest`` is written by rank 0 last.
+Checkpoints use the engine's own sharded format (``save_checkpoint(tag)``) inside the
+crash-consistent layout the DCP checkpoints use (``pretrain.checkpoint.root.CheckpointRoot``,
+handed in): temporary directory, per-rank extra state, sha256 manifest written last, rename,
+``latest``; at load every rank verifies and agrees before the engine loads, and falls back
+together. The engine's own files load with ``weights_only=True`` (``WeightsOnlyCheckpointIO``).
 DeepSpeed checkpoints load on the same world size only (use DeepSpeed's universal checkpoint
 conversion to change it); the torch backends (``fsdp2``/``ddp``/``none``) reshard freely.
 """
@@ -23,14 +26,11 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallel.dist import DistInfo
@@ -128,64 +128,145 @@ def build_deepspeed_engine(
     return DeepSpeedEngine(engine, model, info)
 
 
+# Classes DeepSpeed pickles into its ZeRO optimizer files; loading them with weights_only=True
+# needs them allowlisted (listed by torch.serialization.get_unsafe_globals_in_checkpoint on
+# ZeRO 1/2/3 checkpoints; DynamicLossScaler is what fp16 training writes instead of LossScaler).
+_DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The DeepSpeed classes ``weights_only`` loads of its checkpoint files must allow."""
+    import importlib
+
+    return [getattr(importlib.import_module(mod), name) for mod, name in _DEEPSPEED_SAFE_GLOBALS]
+
+
+class WeightsOnlyCheckpointIO:
+    """DeepSpeed's ``TorchCheckpointEngine`` with fsynced saves and ``weights_only=True`` loads.
+
+    DeepSpeed itself loads every checkpoint file with ``torch.load(weights_only=False)`` (its
+    ``TorchCheckpointEngine.load``), which runs arbitrary pickled code. Everything else (create,
+    commit, which rank writes) is delegated to the engine it wraps.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._safe_globals = deepspeed_safe_globals()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        # fsync before the directory is renamed: a crash must not publish unwritten data
+        with open(path, "wb") as f:
+            torch.save(
+                state_dict, f, _use_new_zipfile_serialization=self.inner.zipfile_serialization
+            )
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(self._safe_globals):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loads(engine: Any) -> bool:
+    """Route a DeepSpeed engine's checkpoint file I/O through ``WeightsOnlyCheckpointIO``.
+
+    Returns False (and warns) when the config picked another checkpoint writer (fast, decoupled,
+    datastates): those keep DeepSpeed's own ``weights_only=False`` loads.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if isinstance(current, WeightsOnlyCheckpointIO):
+        return True
+    if type(current) is not TorchCheckpointEngine:
+        logger.warning(
+            "DeepSpeed checkpoint engine %s loads its files with torch.load(weights_only=False);"
+            " the manifest's sha256 sums still guard them",
+            type(current).__name__,
+        )
+        return False
+    engine.checkpoint_engine = WeightsOnlyCheckpointIO(current)
+    return True
+
+
+class CheckpointLayout(Protocol):
+    """What ``DeepSpeedCheckpoints`` needs of ``pretrain.checkpoint.root.CheckpointRoot`` (handed
+    in by the backend: ``parallel`` does not import ``pretrain``)."""
+
+    root: Path
+
+    def begin(self, step: int) -> Path: ...
+
+    def write_extra(self, tmp: Path, extra: dict[str, Any]) -> None: ...
+
+    def publish(
+        self,
+        step: int,
+        tmp: Path,
+        check_complete: Callable[[Path, dict[str, dict[str, Any]]], None],
+    ) -> None: ...
+
+    def load_newest(
+        self, load: Callable[[Path, dict[str, Any]], str | None]
+    ) -> dict[str, Any] | None: ...
+
+
 class DeepSpeedCheckpoints:
-    """Engine checkpoints under ``root/step_XXXXXXXX`` with a ``latest`` pointer written last."""
+    """The engine's own sharded checkpoints, written and verified as ``layout`` prescribes.
 
-    def __init__(self, engine: DeepSpeedEngine, root: Path, keep_last: int = 3) -> None:
+    Save: ``layout.begin`` makes ``.tmp-step_N/``; each rank's extra state goes in; the engine
+    saves with that directory as its tag (DeepSpeed's file names do not contain the tag, so the
+    directory can be renamed); ``layout.publish`` hashes, writes the manifest last, renames it to
+    ``step_N/``, moves ``latest`` (DeepSpeed's format: the tag) and prunes.
+
+    Load: ``layout.load_newest`` verifies each candidate on every rank and agrees; the engine then
+    loads that tag on every rank, and a failure on any rank sends all of them to the previous one.
+    """
+
+    def __init__(self, engine: DeepSpeedEngine, layout: CheckpointLayout) -> None:
         self.engine = engine
-        self.root = Path(root)
-        self.keep_last = keep_last
-
-    def _barrier(self) -> None:
-        if self.engine.info.distributed:
-            dist.barrier()
+        self.layout = layout
+        use_weights_only_loads(engine.engine)
 
     def save(self, step: int, extra: dict[str, Any]) -> None:
-        tag = f"step_{step:08d}"
-        self.engine.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        torch.save(extra, self.root / tag / f"extra_rank{self.engine.info.rank}.pt")
-        self._barrier()
-        if self.engine.info.is_main:
-            tmp = self.root / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.root / "latest")
-            self._prune(keep=tag)
-        self._barrier()
-
-    def _tags(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_")
-        )
-
-    def _prune(self, keep: str) -> None:
-        for tag in self._tags()[: -self.keep_last]:
-            if tag != keep:
-                shutil.rmtree(self.root / tag, ignore_errors=True)
+        tmp = self.layout.begin(step)
+        self.layout.write_extra(tmp, extra)  # first: a refused extra fails before the big write
+        self.engine.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+        self.layout.publish(step, tmp, self._check_complete)
 
     def load_latest(self) -> dict[str, Any] | None:
-        tags = self._tags()
-        if not tags:
-            return None
-        latest = (
-            (self.root / "latest").read_text().strip() if (self.root / "latest").exists() else None
-        )
-        order = ([latest] if latest in tags else []) + [t for t in reversed(tags) if t != latest]
-        rank = self.engine.info.rank
-        for tag in order:
-            extra_path = self.root / tag / f"extra_rank{rank}.pt"
-            try:
-                path, _ = self.engine.engine.load_checkpoint(str(self.root), tag=tag)
-                if path is None:
-                    raise RuntimeError("DeepSpeed found no checkpoint files")
-                return torch.load(extra_path, weights_only=False)
-            except Exception as err:  # noqa: BLE001 - any failure means: try the previous one
-                warnings.warn(
-                    f"DeepSpeed checkpoint {self.root / tag} is unusable ({err}); trying the previous one",
-                    stacklevel=2,
-                )
-        raise RuntimeError(f"no usable DeepSpeed checkpoint in {self.root} (tried {order})")
+        return self.layout.load_newest(self._load)
 
     def wait(self) -> None:
         """DeepSpeed saves synchronously."""
+
+    def _check_complete(self, tmp: Path, records: dict[str, dict[str, Any]]) -> None:
+        """The engine's model states and, under ZeRO, every rank's optimizer partition."""
+        missing = [] if any(n.endswith("model_states.pt") for n in records) else ["model states"]
+        if self.engine.engine.zero_optimization():
+            for rank in range(self.engine.info.world_size):
+                part = f"zero_pp_rank_{rank}_"
+                if not any(part in n and n.endswith("optim_states.pt") for n in records):
+                    missing.append(f"rank {rank}'s ZeRO optimizer states")
+        if missing:
+            raise RuntimeError(f"DeepSpeed checkpoint {tmp} is incomplete: missing {missing}")
+
+    def _load(self, path: Path, manifest: dict[str, Any]) -> str | None:
+        saved, world = int(manifest["world_size"]), self.engine.info.world_size
+        if saved != world:
+            return (
+                f"saved by {saved} ranks, this run has {world}: DeepSpeed checkpoints load on the"
+                " same world size only (DeepSpeed's universal checkpoint conversion changes it)"
+            )
+        loaded, _ = self.engine.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None:
+            return f"rank {self.engine.info.rank}: DeepSpeed found no checkpoint files"
+        return None

@@ -4,7 +4,7 @@ the step engine and the checkpoint store. The trainer sees only the ``Protocol``
 - ``TorchBackend`` (``none``, ``ddp``, ``fsdp2``): the family's ``parallelize_*`` on the run's
   mesh, our AdamW, DCP checkpoints that reshard across world sizes and layouts;
 - ``DeepSpeedBackend`` (``deepspeed``): the ZeRO engine with our AdamW groups, and the engine's
-  own checkpoints (same world size only).
+  own checkpoints in the same verified layout as DCP's (same world size only).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class TorchBackend:
             keep_every=ck.keep_every,
             async_save=ck.async_save,
             process_group=torch.distributed.group.WORLD if engine.info.distributed else None,
-            timeout_s=cfg.parallel.timeout_s,
+            timeout_s=engine.info.timeout_s,
         )
         return EngineCheckpoints(manager, engine)
 
@@ -174,9 +174,24 @@ class DeepSpeedBackend:
         )
 
     def build_checkpoints(self, engine: StepEngine, cfg: RunConfig, root: Path) -> CheckpointStore:
+        """The engine's checkpoints in the same verified layout as DCP's (docs/checkpoints.md)."""
         from parallel.deepspeed import DeepSpeedCheckpoints
+        from pretrain.checkpoint.comm import CheckpointComm
+        from pretrain.checkpoint.files import ENGINE_DEEPSPEED
+        from pretrain.checkpoint.root import CheckpointRoot
 
-        return DeepSpeedCheckpoints(engine, root, keep_last=cfg.checkpoint.keep_last)
+        ck = cfg.checkpoint
+        layout = CheckpointRoot(
+            root,
+            CheckpointComm(
+                torch.distributed.group.WORLD if engine.info.distributed else None,
+                timeout_s=engine.info.timeout_s,
+            ),
+            ENGINE_DEEPSPEED,
+            keep_last=ck.keep_last,
+            keep_every=ck.keep_every,
+        )
+        return DeepSpeedCheckpoints(engine, layout)
 
 
 def resolve_backend(name: str) -> ParallelBackend:

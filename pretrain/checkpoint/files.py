@@ -5,10 +5,10 @@
     root/
       step_00000120/          one complete checkpoint (only ever appears by rename)
         .metadata             DCP metadata (rank 0)
-        __0_0.distcp ...      DCP shards (one or more per rank)
+        __0_0.distcp ...      DCP shards (one or more per rank); or the DeepSpeed engine's files
         extra_rank0.pt ...    per-rank non-tensor state (torch.save, weights_only loadable)
         data_states.pt        every rank's data-reader state, gathered (for re-splitting)
-        manifest.json         step, world size, created time, {file: {size, sha256}}
+        manifest.json         engine, step, world size, created time, {file: {size, sha256}}
       .tmp-step_00000140/     a checkpoint being written (ignored by loaders, cleaned up)
       latest                  text: the name of the newest complete checkpoint (written last)
 """
@@ -28,6 +28,9 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 DATA_STATES = "data_states.pt"
 MANIFEST_FORMAT = 1
+# what wrote the tensors (the manifest's "engine"; manifests without one are DCP's)
+ENGINE_DCP = "dcp"
+ENGINE_DEEPSPEED = "deepspeed"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _HASH_BLOCK = 8 << 20
 
@@ -52,6 +55,12 @@ def step_dirs(root: Path) -> list[Path]:
         return []
     found = [(parse_step(p.name), p) for p in root.iterdir() if p.is_dir()]
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def list_files(directory: Path) -> list[str]:
+    """Every file under ``directory``, as sorted relative POSIX paths (subdirectories included:
+    DeepSpeed's NVMe offload writes some)."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
 def sha256_file(path: Path) -> str:

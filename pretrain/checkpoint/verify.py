@@ -1,5 +1,5 @@
 """Checks that decide whether a checkpoint directory is complete (before the rename) and intact
-(at load): manifest, file sizes and sha256 sums, and DCP's own metadata."""
+(at load): manifest, file sizes and sha256 sums, and DCP's own metadata (for DCP checkpoints)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,26 @@ from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.files import DATA_STATES, MANIFEST
 
 
-def check_complete(tmp: Path, records: dict[str, dict[str, Any]], world: int) -> None:
-    """Every file DCP's metadata points at, and every rank's extra state, is in ``records``.
+def check_extra_complete(tmp: Path, records: dict[str, dict[str, Any]], world: int) -> None:
+    """Every rank's extra state and the gathered data states are in ``records``.
+
+    Raises:
+        CheckpointError: naming what is missing.
+    """
+    required = [DATA_STATES] + [files.extra_name(r) for r in range(world)]
+    missing = [name for name in required if name not in records]
+    if missing:
+        raise CheckpointError(f"checkpoint {tmp} is incomplete: missing {missing}")
+
+
+def check_dcp_complete(tmp: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Every file and byte range DCP's metadata points at is in ``records``.
 
     Raises:
         CheckpointError: naming what is missing or shorter than DCP's metadata says.
     """
-    required = [".metadata", DATA_STATES] + [files.extra_name(r) for r in range(world)]
-    missing = [name for name in required if name not in records]
-    if missing:
-        raise CheckpointError(f"checkpoint {tmp} is incomplete: missing {missing}")
+    if ".metadata" not in records:
+        raise CheckpointError(f"checkpoint {tmp} is incomplete: missing ['.metadata']")
     metadata = FileSystemReader(str(tmp)).read_metadata()
     for info in (metadata.storage_data or {}).values():
         record = records.get(info.relative_path)
@@ -34,15 +44,24 @@ def check_complete(tmp: Path, records: dict[str, dict[str, Any]], world: int) ->
             )
 
 
-def read_checked_manifest(path: Path) -> tuple[str | None, dict[str, Any] | None]:
-    """(problem, manifest) of checkpoint directory ``path``; exactly one of them is None."""
+def read_checked_manifest(
+    path: Path, engine: str = files.ENGINE_DCP
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(problem, manifest) of checkpoint directory ``path`` written by ``engine``; exactly one of
+    them is None."""
     try:
         manifest = files.read_manifest(path)
     except ValueError as exc:
         return str(exc), None
     if manifest["step"] != files.parse_step(path.name):
         return f"{MANIFEST} is for step {manifest['step']}, not {path.name}", None
-    if ".metadata" not in manifest["files"]:
+    written_by = manifest.get("engine", files.ENGINE_DCP)
+    if written_by != engine:
+        return (
+            f"it holds {written_by} engine state and this run loads {engine} checkpoints"
+            " (parallel.backend changed?)"
+        ), None
+    if engine == files.ENGINE_DCP and ".metadata" not in manifest["files"]:
         return f"{MANIFEST} lists no DCP .metadata", None
     return None, manifest
 
