@@ -64,6 +64,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def launcher_rank() -> int:
+    """RANK from the launcher's environment (0 without a launcher), before any init."""
+    return _env_int("RANK", 0)
+
+
 def launcher_world_size() -> int:
     """WORLD_SIZE from the launcher's environment (1 without a launcher), before any init."""
     return _env_int("WORLD_SIZE", 1)

@@ -15,9 +15,15 @@ import yaml
 
 from kernels.backends import select_backends
 from parallel.context import ContextGroup
-from parallel.dist import DistInfo, init_distributed, launcher_world_size, shutdown
+from parallel.dist import (
+    DistInfo,
+    init_distributed,
+    launcher_rank,
+    launcher_world_size,
+    shutdown,
+)
 from parallel.mesh import ParallelMesh
-from parallel.progress import ProgressBoard
+from parallel.progress import ProgressBoard, is_peer_failure
 from pretrain.backend import (
     CheckpointStore,
     NoCheckpoints,
@@ -28,6 +34,7 @@ from pretrain.backend import (
 from pretrain.config import KERNEL_BACKENDS, RunConfig, config_to_dict, resolve_parallel_dims
 from pretrain.context_split import ContextSplit
 from pretrain.curriculum import Stage, resolve_stages
+from pretrain.exit_status import write_exit_status
 from pretrain.models import build_model
 from pretrain.models.kernel_backends import apply_kernel_backends
 from pretrain.models.lm import CausalLM
@@ -123,6 +130,35 @@ def build_trainer(
     )
 
 
+def _start_and_train(
+    cfg: RunConfig,
+    tracker_factory: TrackerFactory | None,
+    log: Callable[[str], None],
+    stop: StopSignal,
+) -> list[dict[str, float]]:
+    """Process group, trainer, run; ``exit_status.json`` covers a start that dies before the
+    trainer runs (an older ``preempted`` left there would make a requeue script loop)."""
+    run_dir, is_main = Path(cfg.run.dir), launcher_rank() == 0
+    if is_main:
+        write_exit_status(run_dir, "running", step=None)
+    info = None
+    try:
+        info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+        trainer = build_trainer(cfg, info, tracker_factory, log, stop)
+    except Exception as err:
+        if is_main:
+            write_exit_status(
+                run_dir, "failed", step=None, error=str(err), retryable=is_peer_failure(err)
+            )
+        if info is not None:
+            shutdown(info)
+        raise
+    try:
+        return trainer.run()
+    finally:
+        shutdown(info)
+
+
 def run_training(
     cfg: RunConfig,
     tracker_factory: TrackerFactory | None = None,
@@ -144,11 +180,7 @@ def run_training(
     try:
         preflight(cfg)  # this machine, files, run dir: fails before anything is written
         resolve_parallel_dims(cfg, launcher_world_size())
-        info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
-        try:
-            return build_trainer(cfg, info, tracker_factory, log, stop).run()
-        finally:
-            shutdown(info)
+        return _start_and_train(cfg, tracker_factory, log, stop)
     finally:
         if own_handler:
             stop.uninstall()

@@ -23,8 +23,9 @@ from pretrain.checkpoint.files import atomic_write
 EXIT_STATUS = "exit_status.json"
 
 
-def write_exit_status(run_dir: Path, status: str, step: int, **details: Any) -> None:
-    """Record ``status`` at ``step`` atomically (a reader sees the old record or the new)."""
+def write_exit_status(run_dir: Path, status: str, step: int | None, **details: Any) -> None:
+    """Record ``status`` at ``step`` (None: before the trainer knows it) atomically (a reader
+    sees the old record or the new)."""
     record = {
         "status": status,
         "step": step,
