@@ -90,9 +90,9 @@ class ProgressBoard:
     def _read(self, rank: int) -> tuple[int, str] | None:
         key = _KEY.format(rank)
         try:
+            self._store.set_timeout(_READ_TIMEOUT)  # a frozen rank 0 may host the store
             if not self._store.check([key]):
                 return None
-            self._store.set_timeout(_READ_TIMEOUT)
             step, phase = self._store.get(key).decode().split("\t", 1)
             return int(step), phase
         except Exception:  # noqa: BLE001 - the store itself may be gone with a dead rank 0
