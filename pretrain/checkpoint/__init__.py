@@ -2,7 +2,12 @@
 export of a trained model to one safetensors file. See docs/checkpoints.md."""
 
 from pretrain.checkpoint.errors import CheckpointError, CheckpointWarning
-from pretrain.checkpoint.export import export_safetensors, load_safetensors_export
+from pretrain.checkpoint.export import (
+    export_safetensors,
+    exported_tokenizer,
+    load_pretrained,
+    load_safetensors_export,
+)
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.model_state import ModelOptimizerState
 from pretrain.checkpoint.state import capture_rng_state, restore_rng_state
@@ -14,6 +19,8 @@ __all__ = [
     "ModelOptimizerState",
     "capture_rng_state",
     "export_safetensors",
+    "exported_tokenizer",
+    "load_pretrained",
     "load_safetensors_export",
     "restore_rng_state",
 ]

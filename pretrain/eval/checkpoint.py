@@ -1,4 +1,5 @@
-"""Load a trained model from a run's DCP checkpoint, read-only, in one process.
+"""Load a trained model from a run's checkpoint (DCP, or DeepSpeed's engine checkpoint), read-only,
+in one process.
 
 ``load_checkpoint_model`` accepts a run directory (``runs/X``, holding ``checkpoints/``), a
 checkpoint root (``runs/X/checkpoints``) or one checkpoint (``runs/X/checkpoints/step_00000080``).
@@ -24,7 +25,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from kernels.backends import select_backends
-from pretrain.checkpoint import CheckpointWarning, ModelOptimizerState, files, verify
+from pretrain.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    ModelOptimizerState,
+    files,
+    verify,
+)
+from pretrain.checkpoint.deepspeed_weights import load_deepspeed_weights
 from pretrain.checkpoint.model_state import prepare_load
 from pretrain.checkpoint.state import load_extra
 from pretrain.config import RunConfig, from_dict, validate_run_config
@@ -95,7 +103,7 @@ def checkpoint_candidates(path: Path, step: int | None = None) -> tuple[list[Pat
 
 def _verified_extra(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(manifest, rank 0's extra state) of a checkpoint whose files all check out."""
-    problem, manifest = verify.read_checked_manifest(path)
+    problem, manifest = verify.read_checked_manifest(path, _written_by(path))
     if problem is None:
         problem = verify.check_files(path, manifest, rank=0, world=1, verify_hashes=True)
     if problem is not None:
@@ -120,13 +128,10 @@ def _restore(path: Path, device: torch.device) -> LoadedCheckpoint:
     model = build_model(cfg.model, device=device)
     backends = select_backends({op: "auto" for op in ("ssd", "pkm", "moe", "attention")}, device)
     apply_kernel_backends(model, backends)
-    view, planner = prepare_load({"model": ModelOptimizerState(model)})
-    try:
-        with warnings.catch_warnings():  # "assuming single process": that is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(view, checkpoint_id=path, planner=planner, no_dist=True)
-    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
-        raise EvalError(f"loading the weights failed: {verify.describe(exc)}") from None
+    if manifest.get("engine") == files.ENGINE_DEEPSPEED:
+        _load_deepspeed(model, path)
+    else:
+        _load_dcp(model, path)
     state = extra.get("train_state", {})
     step = int(state.get("step", manifest["step"]))
     world = int(manifest["world_size"])
@@ -146,6 +151,33 @@ def _restore(path: Path, device: torch.device) -> LoadedCheckpoint:
         mlflow_run_id=state.get("mlflow_run_id"),
         world_size=world,
     )
+
+
+def _written_by(path: Path) -> str:
+    """The engine that wrote checkpoint ``path`` (DCP when its manifest is unreadable: the
+    manifest check then says why)."""
+    try:
+        return files.read_manifest(path).get("engine", files.ENGINE_DCP)
+    except ValueError:
+        return files.ENGINE_DCP
+
+
+def _load_dcp(model: CausalLM, path: Path) -> None:
+    view, planner = prepare_load({"model": ModelOptimizerState(model)})
+    try:
+        with warnings.catch_warnings():  # "assuming single process": that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(view, checkpoint_id=path, planner=planner, no_dist=True)
+    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
+        raise EvalError(f"loading the weights failed: {verify.describe(exc)}") from None
+
+
+def _load_deepspeed(model: CausalLM, path: Path) -> None:
+    """The fp32 weights merged from a DeepSpeed engine checkpoint (any ZeRO stage), strictly."""
+    try:
+        model.load_state_dict(load_deepspeed_weights(path), strict=True)
+    except (CheckpointError, RuntimeError) as exc:
+        raise EvalError(f"loading the weights failed: {exc}") from None
 
 
 def load_checkpoint_model(

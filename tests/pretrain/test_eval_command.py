@@ -141,7 +141,9 @@ def test_mlflow_without_a_tracked_run_warns_and_still_reports(
 
 
 def test_unreachable_mlflow_store_is_reported_not_raised() -> None:
-    status = log_to_mlflow({"eval/x/loss": 1.0}, "0123abcd", "http://127.0.0.1:9", step=4)
+    status = log_to_mlflow(
+        {"eval/x/loss": 1.0}, "0123abcd", "http://127.0.0.1:9", step=4, timeout_s=2
+    )
     assert status["logged"] is False and status["reason"]
 
 
