@@ -157,10 +157,12 @@ def _ordered_map(
         _init_worker(spec)
         yield from map(fn, tasks)
         return
-    # fork starts in milliseconds (spawn re-imports the caller's main module, torch included);
-    # the variable below keeps a forked tokenizers library single-threaded and quiet.
+    # Not fork: a forked child inherits whatever locks this process's threads held at that
+    # moment (tqdm's monitor, logging, the tokenizers pool, a test runner's threads) and can
+    # hang on one forever (seen: a prepare under pytest). forkserver children start from a
+    # clean single-threaded server; the variable keeps the tokenizers library quiet in them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(workers, _init_worker, (spec,)) as pool:
         pending: deque = deque()
         for task in tasks:
@@ -492,21 +494,53 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     d = PrepareConfig(inputs=["-"], output="-")
     parser.add_argument("inputs", nargs="+", help="input files, directories or globs")
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--format", default=d.format, choices=FORMATS)
+    parser.add_argument(
+        "--format", default=d.format, choices=FORMATS, help="input format; auto: by file extension"
+    )
     parser.add_argument("--field", default=d.field, help="JSONL field / Parquet column")
-    parser.add_argument("--text-unit", default=d.text_unit, choices=TEXT_UNITS)
+    parser.add_argument(
+        "--text-unit",
+        default=d.text_unit,
+        choices=TEXT_UNITS,
+        help="what one document is in a text file: the whole file, a line or a paragraph",
+    )
     parser.add_argument("--tokenizer", default=d.tokenizer, help="'byte' or a tokenizer.json")
     parser.add_argument(
-        "--train-bpe", type=int, default=None, metavar="VOCAB", help="train a BPE on the inputs"
+        "--train-bpe",
+        type=int,
+        default=None,
+        metavar="VOCAB",
+        help="train a byte-level BPE of VOCAB tokens on the inputs (default: use --tokenizer)",
     )
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    parser.add_argument(
+        "--seq-len", type=int, default=d.seq_len, help="tokens per training sequence"
+    )
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=d.samples_per_shard, help="sequences per tar shard"
+    )
     val = parser.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=0.0)
-    val.add_argument("--val-docs", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--chunk-docs", type=int, default=d.chunk_docs)
+    val.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of documents as the val split (seeded hash)",
+    )
+    val.add_argument(
+        "--val-docs",
+        type=int,
+        default=0,
+        help="or hold out exactly this many documents (seeded choice)",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the validation choice")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="tokenisation processes (0: in this process); the output does not depend on it",
+    )
+    parser.add_argument(
+        "--chunk-docs", type=int, default=d.chunk_docs, help="documents per tokenisation task"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tarfile
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,11 +291,14 @@ class ShardReader:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as err:  # e.g. no read permission: as unusable as a missing file
             raise CorruptShardError(name, f"cannot open: {err}") from None
+        # a reader dropped without close() (an eval reader, a finished stage's) must not keep
+        # its descriptor: they added up to hundreds in one process
+        self._closer = weakref.finalize(self, os.close, self._fd)
         self.offsets = offsets
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._closer()
             self._fd = None
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
