@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from pretrain.models.common.layers import RMSNorm
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import ModelConfig, validate_model_config
+from pretrain.models.decode import DecodeCache
 from pretrain.models.output import ModelOutput
 from pretrain.models.paths import PATH_NAMES
 from pretrain.models.registry import get_family
@@ -85,15 +86,27 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         seq_idx: torch.Tensor | None = None,
         context: SequenceContext | None = None,
+        *,
+        cache: DecodeCache | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] (and optional document index seq_idx [B, T]) -> logits [B, T, V].
 
         ``context`` replaces ``seq_idx``: under context parallelism ``input_ids`` is this rank's
         slice of the rows and the context says where it sits (``SequenceContext.of_slice``).
+        ``cache`` (decoding, ``pretrain.models.decode``; eval mode): ``input_ids`` continue the
+        rows at ``cache.position``; the cache is updated in place and advanced.
         """
         h = self.tok_embeddings(input_ids)
+        run_block = self._run_block
+        if cache is not None:
+            if self.training or seq_idx is not None or context is not None:
+                raise ValueError("decoding with a cache needs eval mode, no seq_idx, no context")
+            context = cache.context(*input_ids.shape, h.device)
+            run_block = cache.block_runner(self._run_block)
         context = resolve_context(h, seq_idx, context)
-        h, aux_loss = self.stack.forward(self._run_block, h, context, self.training)
+        h, aux_loss = self.stack.forward(run_block, h, context, self.training)
+        if cache is not None:
+            cache.position += input_ids.shape[1]
         if context.split:  # every collective of this forward is behind h now
             h = context.comm.tie(h)
         h = self.norm(h)

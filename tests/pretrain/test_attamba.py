@@ -91,10 +91,11 @@ def test_kv_cache_holds_boundaries_and_the_leading_window() -> None:
     att = _attention_layers(model)[0]
     per_token = 2 * att.n_kv_heads * att.head_dim * 2
     states = att.k_scan.cache_bytes(8192) + att.v_scan.cache_bytes(8192)
-    # the next query (position 8192) sees 8 window tokens and the boundaries at or before 8184
+    # the next query (position 8192) sees 8 window tokens (7 cached, its own) and the
+    # boundaries at or before 8184
     doc_pos = torch.arange(8193)[None]
     slots = boundary_slots(doc_pos, None, chunk=4, offset=att.offset, leading=8)
-    needed = 8 + int((slots.pos[0] <= 8192 - 8).sum())
+    needed = 7 + int((slots.pos[0] <= 8192 - 8).sum())
     assert att.cache_bytes(8192) == needed * per_token + states
     assert att.cache_bytes(16384) - att.cache_bytes(8192) == (8192 // 4) * per_token
 

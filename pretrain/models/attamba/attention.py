@@ -15,14 +15,21 @@ states (``cache_bytes``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from kernels.attention.boundary import chunk_ids
 from kernels.attention.op import chunk_boundary_attention
 from pretrain.models.attamba.config import AttambaConfig
+from pretrain.models.attamba.decode import (
+    AttambaCache,
+    attamba_cache_sizes,
+    boundary_decode,
+    is_chunk_start,
+    leave_window,
+    restart_scans,
+)
+from pretrain.models.common.attention_decode import empty_kv
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.common.ssm import Mamba2Mixer
@@ -78,15 +85,22 @@ class AttambaAttention(nn.Module):
         x: torch.Tensor,
         context: SequenceContext,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: AttambaCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> k (rotated), v [B, T, Hkv, K] from scans restarted at every chunk.
 
         ``angles``: the RoPE (cos, sin) of ``context.doc_pos``, when the caller has them.
+        ``cache`` (decoding): the scans continue from its states and update them.
         """
         B, T, _ = x.shape
         chunks = chunk_ids(context.doc_pos, self.cfg.chunk_size, self.offset)
-        k = self.k_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_scan(x, seq_idx=chunks).view(B, T, self.n_kv_heads, self.head_dim)
+        k_cache = v_cache = None
+        if cache is not None:
+            if is_chunk_start(context.offset, self.cfg, self.offset):
+                restart_scans(cache)  # the states continue the first chunk of x
+            k_cache, v_cache = cache.k_scan, cache.v_scan
+        k = self.k_scan(x, seq_idx=chunks, cache=k_cache).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_scan(x, seq_idx=chunks, cache=v_cache).view(B, T, self.n_kv_heads, self.head_dim)
         if angles is None:
             angles = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
         return apply_rope(k, *angles), v
@@ -97,27 +111,61 @@ class AttambaAttention(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        cache: AttambaCache | None = None,
     ) -> torch.Tensor:
-        """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D]."""
+        """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D].
+
+        ``cache`` (decoding, ``pretrain.models.decode``): x continues the one document whose
+        state the cache keeps, at ``context.offset``; the cache is updated in place.
+        """
         B, T, _ = x.shape
         context = resolve_context(x, seq_idx, context)
         if context.split:
             raise ValueError("Attamba attention does not support context parallelism (cp > 1)")
         angles = rope_angles(context.doc_pos, self.head_dim, self.rope_theta)
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *angles)
-        k, v = self.keys_values(x, context, angles)
-        out = chunk_boundary_attention(
-            q,
-            k,
-            v,
-            context.doc_pos,
-            context.seq_idx,
-            chunk=self.cfg.chunk_size,
-            offset=self.offset,
-            leading=self.cfg.leading_tokens,
-            backend=self.kernel_backend,
-        )
+        k, v = self.keys_values(x, context, angles, cache)
+        pos = context.offset
+        if cache is None or pos == 0:  # training, or a prompt: the op, its cost a forward's
+            out = chunk_boundary_attention(
+                q,
+                k,
+                v,
+                context.doc_pos,
+                context.seq_idx,
+                chunk=self.cfg.chunk_size,
+                offset=self.offset,
+                leading=self.cfg.leading_tokens,
+                backend=self.kernel_backend,
+            )
+        if cache is not None:
+            frame = cache.window.extended(k, v)
+            first = pos - cache.window.keys.shape[1]
+            if pos > 0:
+                out = boundary_decode(q, frame, first, cache.boundaries, self.cfg, self.offset, pos)
+            leave_window(frame, first, cache, self.cfg, self.offset, pos + T)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> AttambaCache:
+        """An ``AttambaCache`` of ``batch`` sequences, sized as after ``context_len`` tokens
+        (zeros: only ``context_len = 0`` starts a decode)."""
+        window, boundaries = attamba_cache_sizes(self.cfg, self.offset, context_len)
+        device = device if device is not None else self.wq.weight.device
+        dtype = dtype if dtype is not None else self.wq.weight.dtype
+        heads = (self.n_kv_heads, self.head_dim, device, dtype)
+        return AttambaCache(
+            k_scan=self.k_scan.decode_state(batch, device=device, dtype=dtype),
+            v_scan=self.v_scan.decode_state(batch, device=device, dtype=dtype),
+            window=empty_kv(batch, window, *heads),
+            boundaries=empty_kv(batch, boundaries, *heads),
+        )
 
     def visible_keys(self, seq_len: int) -> float:
         """Mean number of keys a query sees in a one-document row of ``seq_len`` tokens."""
@@ -137,13 +185,11 @@ class AttambaAttention(nn.Module):
         return proj + scans + 2 * 2 * self.n_heads * self.head_dim * self.visible_keys(seq_len)
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
-        """Bytes kept per sequence for decoding after ``context_len`` tokens: the keys/values of
-        the leading window, those of the chunk boundaries before it (at most one per P tokens
-        outside the window), plus both scans' states."""
+        """Bytes kept per sequence for decoding after ``context_len`` tokens (``AttambaCache``):
+        the keys/values of the leading window before the next query (``leading - 1``), those
+        of the chunk boundaries that have left it (one per P tokens), plus both scans' states."""
         kv_per_token = 2 * self.n_kv_heads * self.head_dim * bytes_per_elem
-        lead = self.cfg.leading_tokens
-        outside = max(0, context_len - lead)
-        tokens = min(context_len, lead) + math.ceil(outside / self.cfg.chunk_size)
+        tokens = sum(attamba_cache_sizes(self.cfg, self.offset, context_len))
         scans = self.k_scan.cache_bytes(context_len, bytes_per_elem)
         scans += self.v_scan.cache_bytes(context_len, bytes_per_elem)
         return tokens * kv_per_token + scans

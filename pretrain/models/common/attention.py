@@ -5,7 +5,8 @@ Shape legend: B batch, T time, D d_model, H query heads, Hkv key/value heads, K 
 
 Both modules share projections, GQA and RoPE (``_AttentionBase``); they differ only in which keys
 a query sees. RoPE positions count from each document's start, so a packed document is encoded
-exactly as it would be alone.
+exactly as it would be alone. Decoding (a ``cache`` given to ``forward``) keeps what the next
+query can see (``attention_decode``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from kernels.attention import ChunkSummaries
 from kernels.attention.causal import document_causal_attention
 from kernels.attention.op import sparse_global_attention
 from kernels.attention.ref import pool_chunk_sums, summary_block_width, visible_chunk_summaries
+from pretrain.models.common.attention_decode import (
+    KVCache,
+    WindowCache,
+    causal_decode,
+    empty_kv,
+    leave_window,
+    window_cache_sizes,
+    window_decode,
+)
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import AttentionConfig
@@ -66,6 +76,30 @@ class _AttentionBase(nn.Module):
         """q [B, T, H, K], k/v [B, T, Hkv, K] -> [B, T, H, K]."""
         raise NotImplementedError
 
+    def _attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: SequenceContext,
+        cache: KVCache | WindowCache,
+    ) -> torch.Tensor:
+        """Decoding: the new tokens' attention over what ``cache`` keeps; updates ``cache``."""
+        raise NotImplementedError
+
+    def _empty_kv(
+        self, batch: int, length: int, device: torch.device | None, dtype: torch.dtype | None
+    ) -> KVCache:
+        weight = self.wk.weight
+        return empty_kv(
+            batch,
+            length,
+            self.n_kv_heads,
+            self.head_dim,
+            device if device is not None else weight.device,
+            dtype if dtype is not None else weight.dtype,
+        )
+
     def _flops_per_token(self, visible: float) -> float:
         """Projections (two FLOPs per weight) plus q.k and p.v over ``visible`` keys per query."""
         proj = 2 * sum(p.numel() for p in self.parameters())
@@ -81,15 +115,21 @@ class _AttentionBase(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        cache: KVCache | WindowCache | None = None,
     ) -> torch.Tensor:
         """Attention over x [B, T, D] (documents of ``seq_idx`` [B, T] kept apart) -> [B, T, D].
 
         ``context`` (which replaces ``seq_idx``) places a context-parallel slice in its rows.
+        ``cache`` (decoding, ``pretrain.models.decode``): x continues the one document whose
+        keys the cache keeps, at ``context.offset``; the cache is updated in place.
         """
         B, T, _ = x.shape
         context = resolve_context(x, seq_idx, context)
         q, k, v = self._project(x, context)
-        out = self._attend(q, k, v, context)
+        if cache is not None:
+            out = self._attend_cached(q, k, v, context, cache)
+        else:
+            out = self._attend(q, k, v, context)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -117,17 +157,55 @@ class SparseGlobalAttention(_AttentionBase):
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence to decode token ``context_len + 1`` incrementally.
 
-        Assumed decode state: the keys/values of the last ``min(window, context_len)`` tokens;
-        the key/value summaries of the ``min(n_global, context_len // summary_chunk)`` most
-        recent completed chunks (``bytes_per_elem`` each); the running key/value sums of the
-        chunk in progress, in fp32 (4 bytes). Independent of ``context_len`` once it exceeds
-        ``window`` and ``n_global`` chunks.
+        The decode state (``WindowCache``): the keys/values of the last
+        ``min(window - 1, context_len)`` tokens (the next query brings its own); the key/value
+        summaries of the ``n_global`` most recent chunks that have left the next query's window
+        (``bytes_per_elem`` each); the running key/value sums of the chunk leaving the window,
+        in fp32 (4 bytes). Independent of ``context_len`` once it exceeds ``window`` and
+        ``n_global`` chunks.
         """
-        cfg = self.cfg
-        summaries = min(cfg.n_global, context_len // cfg.summary_chunk)
-        window = min(cfg.window, context_len)
+        window, summaries = window_cache_sizes(self.cfg, context_len)
         partial_sums = self._kv_bytes(1, 4)
         return self._kv_bytes(window + summaries, bytes_per_elem) + partial_sums
+
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WindowCache:
+        """A ``WindowCache`` of ``batch`` sequences, sized as after ``context_len`` tokens (its
+        contents are zeros: only ``context_len = 0`` starts a decode)."""
+        window, summaries = window_cache_sizes(self.cfg, context_len)
+        sums = self._empty_kv(batch, 1, device, torch.float32)
+        return WindowCache(
+            window=self._empty_kv(batch, window, device, dtype),
+            summaries=self._empty_kv(batch, summaries, device, dtype),
+            partial=torch.stack([sums.keys[:, 0], sums.values[:, 0]]),
+        )
+
+    def _attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: SequenceContext,
+        cache: WindowCache,
+    ) -> torch.Tensor:
+        cfg, pos, T = self.cfg, context.offset, q.shape[1]
+        frame = cache.window.extended(k, v)
+        first = pos - cache.window.keys.shape[1]
+        summaries, ends, partial = leave_window(frame, first, cache, cfg, pos + T)
+        if pos == 0:  # a prompt: the op itself, its cost linear in T
+            out = self._attend(q, k, v, context)
+        else:
+            out = window_decode(q, frame, first, summaries, ends, cfg, pos)
+        cache.window = frame.last(cfg.window - 1)
+        cache.summaries = summaries.last(cfg.n_global)
+        cache.partial = partial
+        return out
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext
@@ -252,6 +330,31 @@ class CausalSelfAttention(_AttentionBase):
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes of the KV cache of one sequence: every key and value of ``context_len`` tokens."""
         return self._kv_bytes(context_len, bytes_per_elem)
+
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A KV cache of ``batch`` sequences, sized as after ``context_len`` tokens (zeros)."""
+        return self._empty_kv(batch, context_len, device, dtype)
+
+    def _attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: SequenceContext,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        pos = context.offset
+        keys = cache.extended(k, v)
+        out = self._attend(q, k, v, context) if pos == 0 else causal_decode(q, keys, pos)
+        cache.keys, cache.values = keys.keys, keys.values
+        return out
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: SequenceContext

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -69,6 +70,14 @@ class MoERouting(NamedTuple):
     # [N] bool, the first token of every unit whose first token is on this rank: only these count
     # in the balance statistics (a unit continued from an earlier context-parallel slice does not)
     counted: torch.Tensor
+
+
+@dataclass
+class RoutingCache:
+    """Chunk routing's decode state: the router logits [B, E] of the first token of the unit
+    the last decoded token belongs to (the later tokens of that unit route on them)."""
+
+    logits: torch.Tensor
 
 
 class ExpertDispatcher(Protocol):
@@ -250,6 +259,7 @@ class ChunkMoE(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        cache: RoutingCache | None = None,
         **route_kw: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route each unit on its first token, then run its tokens through the chosen experts.
@@ -259,6 +269,8 @@ class ChunkMoE(nn.Module):
             seq_idx: optional [B, T] int64 document index of each token (packed rows).
             context: the sequence context (replaces ``seq_idx``; places a context-parallel
                 slice in its rows).
+            cache: decoding (chunk routing): the routing of the unit the previous call ended
+                in, which x continues at ``context.offset``; updated in place.
             route_kw: what a subclass's ``router_logits``, ``_add_load`` and
                 ``keep_selection`` need besides the hidden states (Dreamer's expert attention:
                 the depth); none here.
@@ -269,7 +281,8 @@ class ChunkMoE(nn.Module):
                 both coefficients are 0). See ``aux_loss``.
         """
         batch, seq_len, d_model = x.shape
-        routing = self.route(x, context=resolve_context(x, seq_idx, context), **route_kw)
+        context = resolve_context(x, seq_idx, context)
+        routing = self.route(x, context=context, cache=cache, **route_kw)
         ex = self.experts
         y = sorted_moe(
             x.reshape(batch * seq_len, d_model),
@@ -302,6 +315,7 @@ class ChunkMoE(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        cache: RoutingCache | None = None,
         **route_kw: Any,
     ) -> MoERouting:
         """Routing decision of every unit, from the hidden state of its first token.
@@ -310,6 +324,7 @@ class ChunkMoE(nn.Module):
             x: [B, T, D] hidden states.
             seq_idx: optional [B, T] document index of each token.
             context: the sequence context (replaces ``seq_idx``).
+            cache: decoding: the unit begun in an earlier call (see ``forward``).
             route_kw: passed to ``router_logits``.
 
         Returns:
@@ -332,11 +347,17 @@ class ChunkMoE(nn.Module):
                 # that began on an earlier context-parallel slice, replaced below)
                 first_pos = torch.where(starts, pos, 0).cummax(dim=1).values  # [B, T]
                 logits = logits.gather(1, first_pos[..., None].expand_as(logits))
+                carried_logits = None
                 if context.split:
                     carried = self._earlier_first_tokens(x, starts, context)  # [B, D]
                     carried_logits = self.router_logits(carried.to(x.dtype), **route_kw)
+                elif cache is not None:  # decoding: a unit the previous call began
+                    carried_logits = cache.logits.to(logits.dtype)
+                if carried_logits is not None:
                     borrowed = starts.long().cumsum(dim=1) == 0  # [B, T] in a unit begun earlier
                     logits = torch.where(borrowed[..., None], carried_logits[:, None], logits)
+                if cache is not None:
+                    cache.logits = logits[:, -1]
         logits = logits.reshape(batch * seq_len, -1)  # [N, E]
         if self.cfg.score_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -454,6 +475,26 @@ class ChunkMoE(nn.Module):
             if rate > 0:
                 self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
+
+    def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes of one sequence's decode state: with chunk routing the fp32 router logits [E]
+        of the current unit's first token (``RoutingCache``); token routing keeps nothing."""
+        return self.cfg.n_experts * 4 if self.cfg.routing == "chunk" else 0
+
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RoutingCache | None:
+        """A ``RoutingCache`` of ``batch`` sequences (chunk routing), None for token routing."""
+        if self.cfg.routing != "chunk":
+            return None
+        device = device if device is not None else self.router.weight.device
+        logits = torch.zeros(batch, self.cfg.n_experts, device=device, dtype=torch.float32)
+        return RoutingCache(logits=logits)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the router and the top-k of E experts (``seq_len``-free)."""

@@ -13,6 +13,7 @@ kernel (``triton``, ``mamba_ssm``) in bf16, the torch reference in fp32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,15 @@ class SSMState(NamedTuple):
     ``ssm`` [B, H, P, N] (fp32) is the scan state after the last token; ``conv`` [B, K-1, X] holds
     the last K-1 conv inputs (zeros where they belong to an earlier document than the last one).
     """
+
+    ssm: torch.Tensor
+    conv: torch.Tensor
+
+
+@dataclass
+class SSMCache:
+    """A mixer's decode state between calls (``Mamba2Mixer.forward(..., cache=)`` updates it):
+    the scan state ``ssm`` [B, H, P, N] (fp32) and the last K-1 conv inputs ``conv`` [B, K-1, X]."""
 
     ssm: torch.Tensor
     conv: torch.Tensor
@@ -139,6 +149,26 @@ class Mamba2Mixer(nn.Module):
         conv_state = (self.cfg.d_conv - 1) * self.conv_dim * bytes_per_elem
         return ssm_state + conv_state
 
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SSMCache:
+        """The zero decode state of ``batch`` sequences (its size does not depend on
+        ``context_len``): fp32 scan state, conv inputs in ``dtype`` (the activations')."""
+        cfg = self.cfg
+        device = device if device is not None else self.A_log.device
+        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
+        return SSMCache(
+            ssm=torch.zeros(
+                batch, self.n_heads, cfg.head_dim, cfg.d_state, device=device, dtype=torch.float32
+            ),
+            conv=torch.zeros(batch, cfg.d_conv - 1, self.conv_dim, device=device, dtype=dtype),
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -148,6 +178,7 @@ class Mamba2Mixer(nn.Module):
         return_state: bool = False,
         *,
         context: SequenceContext | None = None,
+        cache: SSMCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, SSMState]:
         """Mix along time.
 
@@ -161,11 +192,18 @@ class Mamba2Mixer(nn.Module):
             return_state: also return the states after the last token.
             context: the sequence context; a split one (context parallelism) replaces
                 ``seq_idx`` and the two states, which must then be None.
+            cache: decoding: the states the previous call left (replacing ``initial_state``
+                and ``conv_state``), updated in place to those after the last token.
 
         Returns:
             [B, T, D], or ([B, T, D], SSMState) when ``return_state``. Running a sequence in two
             segments, the second from the first's state, equals running it whole.
         """
+        if cache is not None:
+            seq = context.seq_idx if context is not None else seq_idx
+            out, state = self.forward(x, seq, cache.ssm, cache.conv, return_state=True)
+            cache.ssm, cache.conv = state.ssm, state.conv
+            return out
         cfg, H, G = self.cfg, self.n_heads, self.cfg.n_groups
         split = context is not None and context.split
         if context is not None:

@@ -78,6 +78,19 @@ def _build_segments(
     )
 
 
+@dataclass
+class WorkspaceCache:
+    """The workspace's decode state (``WorkspaceMemory.forward(..., cache=)`` updates it).
+
+    ``slots`` [B, M, D] (fp32): the state the current chunk's tokens read. ``pending``
+    [B, C - 1, 2D]: the write keys/values of the current chunk's tokens so far (its first
+    ``pos % C`` rows); the chunk's last token completes them and the chunk writes.
+    """
+
+    slots: torch.Tensor
+    pending: torch.Tensor
+
+
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """Upcast to at least fp32 (fp64 stays fp64) for the slot state and softmaxes."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -152,16 +165,35 @@ class WorkspaceMemory(nn.Module):
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence to decode incrementally after ``context_len`` tokens.
 
-        Assumed decode state, following ``forward``: the slot state [M, D] in fp32 (4 bytes),
-        which every token of the current chunk reads, and the write keys/values [C, 2D] of the
-        current chunk's tokens (``bytes_per_elem`` each), which the write at the chunk's end
-        attends over; the buffer is sized for a whole chunk (``min(C, context_len)`` tokens)
-        rather than for the tokens pending at exactly ``context_len``. (An online softmax over
-        the fixed slot queries could keep [M, D] + [M, H] fp32 accumulators instead.)
+        The decode state (``WorkspaceCache``): the slot state [M, D] in fp32 (4 bytes), which
+        every token of the current chunk reads, and a buffer for the write keys/values
+        [C - 1, 2D] of the current chunk's tokens (``bytes_per_elem`` each), which the write
+        at the chunk's end attends over (its last token brings its own); the buffer has a fixed
+        size rather than that of the tokens pending at exactly ``context_len``. (An online
+        softmax over the fixed slot queries could keep [M, D] + [M, H] fp32 accumulators
+        instead.)
         """
         slots = self.n_slots * self.d_model * 4
-        pending = min(self.chunk_size, context_len) * 2 * self.d_model * bytes_per_elem
+        pending = (self.chunk_size - 1) * 2 * self.d_model * bytes_per_elem
         return slots + pending
+
+    def decode_state(
+        self,
+        batch: int,
+        context_len: int = 0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WorkspaceCache:
+        """The decode state of ``batch`` new sequences (the initial slots; the same size after
+        any ``context_len``)."""
+        device = device if device is not None else self.slots.device
+        dtype = dtype if dtype is not None else self.write_kv.weight.dtype
+        initial = _wide(self.slots).to(device)[None].expand(batch, -1, -1).clone()
+        pending = torch.zeros(
+            batch, self.chunk_size - 1, 2 * self.d_model, device=device, dtype=dtype
+        )
+        return WorkspaceCache(slots=initial, pending=pending)
 
     def forward(
         self,
@@ -169,6 +201,7 @@ class WorkspaceMemory(nn.Module):
         seq_idx: torch.Tensor | None = None,
         *,
         context: SequenceContext | None = None,
+        cache: WorkspaceCache | None = None,
     ) -> torch.Tensor:
         """Read the workspace for every token, writing it chunk by chunk.
 
@@ -177,11 +210,15 @@ class WorkspaceMemory(nn.Module):
             seq_idx: [B, T] int64 document ids of a packed row (non-decreasing), or None.
             context: the sequence context (replaces ``seq_idx``); a split one runs the slices of
                 the context-parallel ranks one after another (``_forward_slice``).
+            cache: decoding: x continues, at ``context.offset``, the one document whose state
+                the cache holds; updated in place.
 
         Returns:
             [B, T, D] the read of each token, in ``x``'s dtype.
         """
         context = resolve_context(x, seq_idx, context)
+        if cache is not None:
+            return self._forward_cached(self.norm(x), context.offset, cache).to(x.dtype)
         if context.split:
             return self._forward_slice(x, context)
         return self._forward_rows(self.norm(x), context.doc_pos).to(x.dtype)
@@ -231,6 +268,28 @@ class WorkspaceMemory(nn.Module):
             grid = grid.scatter(1, index, later.flatten(1, 2).to(grid.dtype))
             mixed = grid[:, :seq_len]
         return self.read_out(mixed)
+
+    def _forward_cached(self, x_n: torch.Tensor, pos: int, cache: WorkspaceCache) -> torch.Tensor:
+        """Decoding: tokens x_n [B, T, D] at positions pos.. read the slots, a piece of one chunk
+        at a time; a piece that completes its chunk writes it (the next chunk reads the
+        result). -> the reads [B, T, D] (before the dtype cast)."""
+        chunk, seq_len = self.chunk_size, x_n.shape[1]
+        q = _heads(self.read_q(x_n), self.n_heads)  # [B, T, H, K]
+        kv = self.write_kv(x_n)  # [B, T, 2D]
+        reads, t = [], 0
+        while t < seq_len:
+            done = (pos + t) % chunk  # tokens of this chunk in earlier calls or pieces
+            end = min(seq_len, t + chunk - done)
+            reads.append(self._mix(q[:, None, t:end], cache.slots[:, None])[:, 0])
+            if (pos + end) % chunk:
+                cache.pending[:, done : done + end - t] = kv[:, t:end]
+            else:
+                tokens = torch.cat([cache.pending[:, :done].to(kv.dtype), kv[:, t:end]], dim=1)
+                keys, vals = _heads(tokens, self.n_heads).chunk(2, dim=-1)
+                valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=x_n.device)
+                cache.slots = self._write(cache.slots, keys, vals, valid)
+            t = end
+        return self.read_out(torch.cat(reads, dim=1))
 
     def _padded(self, x_n: torch.Tensor, seg: _Segments) -> torch.Tensor:
         """Tokens [B, T, D] -> the padded segment layout [B, S, C, D]."""

@@ -37,18 +37,23 @@ class DreamerLayer(GatedPathBlock):
         context: SequenceContext | None = None,
         *,
         depth: DepthState,
+        path_kwargs: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, DepthState]:
-        """x [B, T, D] -> (x' [B, T, D], aux_loss, the depth state with x remembered)."""
+        """x [B, T, D] -> (x' [B, T, D], aux_loss, the depth state with x remembered).
+
+        ``path_kwargs``: further keyword arguments per path (a decode cache), as in
+        ``GatedPathBlock.forward``.
+        """
         context = resolve_context(x, seq_idx, context)
         depth_path = self.paths["depth"] if "depth" in self.paths else None
         if depth_path is not None and self.active["depth"]:
             depth = depth.extended(*depth_path.keys_values(x))
-        kwargs: dict[str, dict[str, Any]] = {}
+        kwargs = {name: dict(extra) for name, extra in (path_kwargs or {}).items()}
         for name, module in self.paths.items():
             if getattr(module, "uses_depth", False):
-                kwargs[name] = {"depth": depth}
+                kwargs.setdefault(name, {})["depth"] = depth
             elif getattr(module, "uses_depth_index", False):
-                kwargs[name] = {"depth_index": depth.index_tensor}
+                kwargs.setdefault(name, {})["depth_index"] = depth.index_tensor
         x, aux = super().forward(x, context=context, path_kwargs=kwargs)
         return x, aux, depth
 
