@@ -1,19 +1,78 @@
 """``hydra-pretrain``: the command line.
 
-Subcommands: ``params`` (parameter account of a config), ``train`` (single-process training),
-``prepare`` (text -> webdataset token shards), ``eval`` (score a checkpoint on held-out tasks).
+Subcommands: ``params`` (parameter account of a config), ``train`` (one process, or one rank
+of torchrun/deepspeed: ``torchrun ... $(which hydra-pretrain) train ...``; ``python -m
+launch.train`` is an alias), ``prepare`` (text -> webdataset token shards), ``eval`` (score a
+checkpoint on held-out tasks). The ``--help`` text is ``DESCRIPTION``, plain text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data_pipeline.prepare import add_prepare_arguments, run_prepare
 from launch.evaluation import add_eval_arguments, run_eval
+from launch.export_cmd import add_export_arguments, run_export
+from launch.generate_cmd import add_generate_arguments, run_generate
+from launch.logging_setup import ALL_RANKS_ENV, configure_logging
 from launch.package_check import check_own_packages
 from pretrain.config_errors import ConfigError
+
+# --help text: plain, no reST (the module docstring is for readers of the code)
+DESCRIPTION = """\
+Pretraining for hybrid long-context language models (Hydra, Attamba, Dreamer).
+
+The same train command runs one process, or each rank under torchrun or deepspeed:
+  hydra-pretrain train --config configs/hydra-tiny.yaml train.steps=200
+  torchrun --nproc_per_node 2 $(which hydra-pretrain) train --config CONFIG parallel.backend=fsdp2
+  deepspeed --num_gpus 2 $(which hydra-pretrain) train --config CONFIG parallel.backend=deepspeed
+
+Run "hydra-pretrain COMMAND --help" for the flags of a command."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the line breaks of descriptions and adds each option's default to its help, unless
+    the help already says it (a default of None needs words: its help explains it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.required
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with ``HelpFormatter``; subcommands added with ``add_parser`` get
+    it too (argparse makes them of their parent's class)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - ArgumentParser's
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The installed distribution's version (``importlib.metadata``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hydra-pretrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _add_local_rank(parser: argparse.ArgumentParser) -> None:
+    # deepspeed's launcher passes --local_rank=N (torch.distributed.launch --local-rank=N);
+    # LOCAL_RANK in the environment says the same, and is what we read
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +80,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         "--config", required=True, help="YAML run config, e.g. configs/hydra-tiny.yaml"
     )
     parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. model.d_model=256 train.steps=10"
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. model.d_model=256 train.steps=10 (default: none)",
     )
 
 
@@ -133,40 +194,81 @@ def _per_rank_line(cfg, total: int, tables: int) -> str:  # noqa: ANN001 - a Run
 def run_train(args: argparse.Namespace) -> int:
     from launch.train import train_main
 
-    return train_main(args.config, args.overrides)
+    return train_main(args.config, args.overrides, log_all_ranks=args.log_all_ranks)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` flags (also ``python -m launch.train``'s, and every launcher's)."""
+    _add_config_args(parser)
+    parser.add_argument(
+        "--log-all-ranks",
+        action="store_true",
+        help=f"log every rank's records, marked [rank N] (also {ALL_RANKS_ENV}=1); by default"
+        " only rank 0 logs, the other ranks only their warnings and errors",
+    )
+    _add_local_rank(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hydra-pretrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(prog="hydra-pretrain", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _add_local_rank(parser)  # deepspeed puts it before the subcommand
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    params = sub.add_parser("params", help="print the parameter account of a config")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:])
+
+    params = command("params", "print the parameter account of a config")
     _add_config_args(params)
     params.add_argument("--json", action="store_true", help="print one JSON object")
     params.set_defaults(func=run_params)
 
-    train = sub.add_parser("train", help="train a model (single process)")
-    _add_config_args(train)
+    train = command("train", "train a model: one process, or each rank under torchrun or deepspeed")
+    add_train_arguments(train)
     train.set_defaults(func=run_train)
 
-    prepare = sub.add_parser("prepare", help="tokenise text into webdataset token shards")
+    prepare = command("prepare", "tokenise text into webdataset token shards")
     add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks and shards")
+    evaluate = command("eval", "evaluate a checkpoint on held-out tasks and shards")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
+
+    export = command("export", "export a checkpoint as model.safetensors + config.json")
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
+
+    generate = command("generate", "continue a prompt with an exported model (cached decoding)")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     check_own_packages()
     args = build_parser().parse_args(argv)
+    configure_logging(all_ranks=getattr(args, "log_all_ranks", False))
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hydra-pretrain``: run the command in ``argv`` (default: the command line).
+
+    As a rank of torchrun or deepspeed (``WORLD_SIZE`` > 1, arguments from the command line)
+    it never returns: the process ends through ``parallel.dist.run_and_exit``, which flushes and
+    leaves with ``os._exit`` after a process group (a plain exit can abort at interpreter
+    finalization). Called with ``argv``, it returns the exit code.
+    """
+    if argv is None and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        from parallel.dist import run_and_exit
+
+        run_and_exit(lambda: _run(sys.argv[1:]))
+    return _run(argv)
 
 
 if __name__ == "__main__":

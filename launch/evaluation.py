@@ -5,10 +5,12 @@
     hydra-pretrain eval --run runs/X --data data/corpus --split val --batches 16 --out eval.json
     hydra-pretrain eval --run runs/X --mlflow                        # also log to the run
 
-Prints one JSON object (and writes it to ``--out``). With ``--mlflow`` the numbers are logged as
-``eval/<task>/<metric>`` (``eval/data/<metric>`` for shards) at the checkpoint's step to the
-MLflow run whose id the checkpoint holds, in the store the run was tracked in. The run is only
-added to (its status and params stay as they are); a store that cannot be reached is a warning.
+Prints one JSON object (and writes it to ``--out``), with a progress bar over the tasks on
+stderr. With ``--mlflow`` the numbers are logged as ``eval/<task>/<metric>`` (``eval/data/<metric>``
+for shards) at the checkpoint's step to the MLflow run whose id the checkpoint holds, in the store
+the run was tracked in, through the trainer's tracker (``launch.tracking.build_tracker``, attached:
+the run is only added to, its status and params stay as they are, and no run is ever created); a
+store that cannot be reached within ``--mlflow-timeout`` is a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 logger = logging.getLogger("launch.evaluation")
 
+MLFLOW_TIMEOUT_S = 30.0  # how long --mlflow waits for the store (the tracker retries meanwhile)
+
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` subcommand's flags."""
@@ -29,23 +33,44 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--run", required=True, help="run directory, its checkpoints/ or one step_XXXXXXXX dir"
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--data", default=None, help="prepared shard set for held-out loss")
-    parser.add_argument("--split", default="val", help="split of --data to read (default: val)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="prepared shard set for held-out loss and perplexity (default: none, tasks only)",
+    )
+    parser.add_argument("--split", default="val", help="split of --data to read")
     parser.add_argument(
         "--tasks",
         default="all",
-        help="comma-separated eval tasks, 'all' (default) or 'none'; an unknown name lists them",
+        help="comma-separated eval tasks, 'all' or 'none'; an unknown name lists them",
     )
     parser.add_argument("--batches", type=int, default=8, help="batches per task and for --data")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch")
     parser.add_argument(
         "--seq-len", type=int, default=None, help="task row length (default: the run's)"
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument(
-        "--mlflow", action="store_true", help="log eval/* metrics to the run's MLflow run"
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where to evaluate; auto: cuda when available, else cpu",
     )
+    parser.add_argument(
+        "--out", default=None, help="also write the JSON here (default: stdout only)"
+    )
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log eval/* metrics to the run's MLflow run, through the run's tracker",
+    )
+    parser.add_argument(
+        "--mlflow-timeout",
+        type=float,
+        default=MLFLOW_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long --mlflow waits for the store to take the metrics",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def _task_names(arg: str) -> tuple[list[str], bool]:
@@ -87,14 +112,7 @@ def _task_specs(args: argparse.Namespace, cfg: Any, seq_len: int) -> tuple[list,
 
 def build_report(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """Load the checkpoint and evaluate it; returns (the JSON report, the loaded checkpoint)."""
-    from pretrain.eval import (
-        EvalError,
-        evaluate_shards,
-        evaluate_tasks,
-        heldout_seed,
-        load_checkpoint_model,
-        shard_reader,
-    )
+    from pretrain.eval import EvalError, heldout_seed, load_checkpoint_model, shard_reader
     from pretrain.models.params import count_parameters
 
     if args.batches < 1 or args.batch_size < 1:
@@ -109,6 +127,7 @@ def build_report(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.data:  # opened before any work: bad data fails at once
         vocab, max_len = cfg.model.vocab_size, cfg.model.max_seq_len
         reader = shard_reader(args.data, args.split, args.batch_size, seed, vocab, max_len)
+    tasks, data = _evaluate(args, model, specs, seq_len, device, seed, reader)
     report: dict[str, Any] = {
         "checkpoint": str(loaded.path),
         "step": loaded.step,
@@ -122,14 +141,50 @@ def build_report(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         "batches": args.batches,
         "batch_size": args.batch_size,
         "heldout_seed": seed,
-        "tasks": evaluate_tasks(
-            model, specs, seq_len, args.batches, device, batch_size=args.batch_size, seed=seed
-        ),
+        "tasks": tasks,
         "skipped_tasks": skipped,
     }
-    if reader is not None:
-        report["data"] = evaluate_shards(model, reader, args.batches, device)
+    if data is not None:
+        report["data"] = data
     return report, loaded
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    model: Any,
+    specs: list,
+    seq_len: int,
+    device: Any,
+    seed: int,
+    reader: Any,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(task results, held-out shard results or None), one task at a time under a progress
+    bar on stderr (each task's rows depend on its spec and ``seed`` alone: the same numbers as
+    all tasks in one ``evaluate_tasks`` call)."""
+    from tqdm import tqdm
+
+    from pretrain.eval import evaluate_shards, evaluate_tasks
+
+    tasks: dict[str, Any] = {}
+    data = None
+    total = len(specs) + (reader is not None)
+    with tqdm(
+        total=total, desc="eval", unit="task", file=sys.stderr, disable=args.no_progress
+    ) as bar:
+        for spec in specs:
+            bar.set_postfix_str(spec.name)
+            tasks.update(
+                evaluate_tasks(
+                    model, [spec], seq_len, args.batches, device, batch_size=args.batch_size,
+                    seed=seed,
+                )
+            )  # fmt: skip
+            bar.update()
+        if reader is not None:
+            bar.set_postfix_str(f"{args.data} ({args.split})")
+            data = evaluate_shards(model, reader, args.batches, device)
+            bar.update()
+    return tasks, data
 
 
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -144,46 +199,62 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def log_to_mlflow(
-    metrics: dict[str, float], run_id: str | None, tracking_uri: str, step: int
+    metrics: dict[str, float],
+    run_id: str | None,
+    tracking_uri: str,
+    step: int,
+    *,
+    run_dir: Path | None = None,
+    timeout_s: float = MLFLOW_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Add ``metrics`` at ``step`` to an existing MLflow run; never raises.
+    """Add ``metrics`` at ``step`` to an existing MLflow run through the trainer's tracker
+    (``build_tracker``, attached to ``run_id``); never raises.
+
+    Args:
+        metrics: flat ``eval/...`` metrics (``eval_metrics``).
+        run_id: the run the checkpoint holds (None: nothing is logged).
+        tracking_uri: the store the run was tracked in.
+        step: the checkpoint's step.
+        run_dir: the run directory (the tracker follows a moved one's artifacts; default: cwd).
+        timeout_s: the most seconds to wait for the store; the tracker retries meanwhile.
 
     Returns:
         {``logged``: bool, ``run_id``, ``tracking_uri``, and ``reason`` when nothing was logged}.
     """
-    from launch.tracking.build import apply_http_defaults, is_remote_uri
+    from launch.tracking import MlflowTracker, build_tracker
 
     status: dict[str, Any] = {"logged": False, "run_id": run_id, "tracking_uri": tracking_uri}
     if run_id is None:
         status["reason"] = "the checkpoint holds no MLflow run id (was the run tracked?)"
         return status
-    # MlflowClient would create an empty database at a sqlite path that does not exist
+    # the tracker would create an empty store at a sqlite path that does not exist
     db = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
     if db is not None and not Path(db).is_file():
         status["reason"] = f"no MLflow store at {db}"
         return status
-    if is_remote_uri(tracking_uri):
-        apply_http_defaults()  # one short attempt, not minutes of retries
-    try:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        client.get_run(run_id)  # fails for an unknown run: never create a new one here
-        now = _now_ms()
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        client.log_batch(run_id, metrics=batch, synchronous=True)
-    except Exception as exc:  # unreachable store, unknown run, driver missing: report it
-        status["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+    tracker = build_tracker(
+        enabled=True,
+        run_dir=run_dir or Path.cwd(),
+        experiment="",  # attached: the run exists, no experiment or run is created
+        run_name="",
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        system_metrics=False,
+        close_timeout_s=timeout_s,
+        attach=True,
+    )
+    if not isinstance(tracker, MlflowTracker):  # it warned why (MLflow not importable)
+        status["reason"] = "MLflow tracking is not available in this environment"
+        return status
+    tracker.log_metrics(metrics, step=step)
+    tracker.close()
+    if tracker.disabled or tracker.pending_metrics:
+        status["reason"] = tracker.last_error or (
+            f"{tracker.pending_metrics} metrics not sent within {timeout_s:g} s"
+        )
         return status
     status["logged"] = True
     return status
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -200,11 +271,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.mlflow:
         run_dir = loaded.run_dir or Path(loaded.cfg.run.dir)
         uri = resolve_tracking_uri(run_dir, loaded.cfg.tracking.uri)
-        status = log_to_mlflow(eval_metrics(report), loaded.mlflow_run_id, uri, loaded.step)
+        status = log_to_mlflow(
+            eval_metrics(report),
+            loaded.mlflow_run_id,
+            uri,
+            loaded.step,
+            run_dir=run_dir,
+            timeout_s=args.mlflow_timeout,
+        )
         if not status["logged"]:
-            print(
-                f"warning: eval metrics not logged to MLflow: {status['reason']}", file=sys.stderr
-            )
+            logger.warning("eval metrics not logged to MLflow: %s", status["reason"])
         report["mlflow"] = status
     text = json.dumps(report, indent=2)
     if args.out:

@@ -1,29 +1,21 @@
-"""Training entry point for every launcher.
+"""Training: ``train_main``, behind ``hydra-pretrain train`` under every launcher.
 
     hydra-pretrain train --config configs/hydra-tiny.yaml                 # one process
-    torchrun --nproc_per_node 2 -m launch.train --config ... parallel.backend=fsdp2
-    deepspeed --num_gpus 2 launch/train.py --config ... parallel.backend=deepspeed
+    torchrun --nproc_per_node 2 $(which hydra-pretrain) train --config ... parallel.backend=fsdp2
+    deepspeed --num_gpus 2 $(which hydra-pretrain) train --config ... parallel.backend=deepspeed
 
-Rank, world size and local rank come from the standard environment variables. Training into an
-existing run directory continues from its latest valid checkpoint.
+``python -m launch.train ARGS`` (and ``deepspeed launch/train.py ARGS``) is an alias of
+``hydra-pretrain train ARGS``: the same parser (``launch.cli.add_train_arguments``). Rank, world
+size and local rank come from the standard environment variables. Training into an existing run
+directory continues from its latest valid checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pretrain.config_errors import ConfigError
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.train", description="train a model")
-    parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
-    return parser
 
 
 def make_tracker(cfg, info, run_dir: Path, run_id: str | None):
@@ -43,19 +35,21 @@ def make_tracker(cfg, info, run_dir: Path, run_id: str | None):
     )
 
 
-def train_main(config: str, overrides: list[str]) -> int:
+def train_main(config: str, overrides: list[str], log_all_ranks: bool = False) -> int:
     """Load the config, train, return the exit code (2 for a config error).
 
     The stop handler comes first, before torch is even imported, and stays until the process
     exits: SIGTERM at any moment then ends in a saved step or a clean exit before the first one.
+    ``log_all_ranks``: every rank logs (``launch.logging_setup``), not rank 0 alone.
     """
     from pretrain.stop_signal import StopSignal
 
     stop = StopSignal().install()
+    from launch.logging_setup import configure_logging
     from pretrain.build import run_training
     from pretrain.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging(all_ranks=log_all_ranks)
     try:
         cfg = load_config(config, overrides)
         run_training(cfg, tracker_factory=make_tracker, stop=stop)
@@ -66,11 +60,10 @@ def train_main(config: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.package_check import check_own_packages
+    """``hydra-pretrain train ARGV`` (default: this command line's arguments)."""
+    from launch.cli import main as cli_main
 
-    check_own_packages()
-    args = build_parser().parse_args(argv)
-    return train_main(args.config, args.overrides)
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pretrain.models.kernel_backends import apply_kernel_backends
 from pretrain.models.lm import CausalLM
 from pretrain.preflight import preflight
 from pretrain.stop_signal import StopSignal
-from pretrain.trainer import Tracker, Trainer
+from pretrain.trainer import Tracker, Trainer, log_console
 
 logger = logging.getLogger("pretrain")
 
@@ -96,12 +96,14 @@ def build_trainer(
     cfg: RunConfig,
     info: DistInfo,
     tracker_factory: TrackerFactory | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     stop: StopSignal | None = None,
 ) -> Trainer:
     """Everything the loop needs. ``tracker_factory(cfg, info, run_dir, run_id)`` makes the
     experiment tracker once the run id to continue (from a checkpoint) is known; ``None`` tracks
-    nothing. ``stop``: the entry point's signal handler (default: the trainer installs its own
+    nothing. ``log``: the progress lines (default: the ``pretrain.console`` logger on every rank,
+    whose rank filter ``launch/logging_setup.py`` sets; a function given here is called on rank
+    0 only). ``stop``: the entry point's signal handler (default: the trainer installs its own
     for the length of ``run``)."""
     run_dir = Path(cfg.run.dir)
     mesh = build_mesh(cfg, info)  # an impossible layout fails here, before anything is written
@@ -124,7 +126,7 @@ def build_trainer(
             tracker_factory(cfg, info, run_dir, run_id) if tracker_factory else None
         ),
         run_dir=run_dir,
-        log=log if info.is_main else (lambda message: None),
+        log=log_console if log is None else (log if info.is_main else (lambda message: None)),
         stop=stop or StopSignal(),
         progress=ProgressBoard(info.rank, info.world_size, info.timeout_s),
     )
@@ -133,7 +135,7 @@ def build_trainer(
 def _start_and_train(
     cfg: RunConfig,
     tracker_factory: TrackerFactory | None,
-    log: Callable[[str], None],
+    log: Callable[[str], None] | None,
     stop: StopSignal,
 ) -> list[dict[str, float]]:
     """Process group, trainer, run; ``exit_status.json`` covers a start that dies before the
@@ -162,7 +164,7 @@ def _start_and_train(
 def run_training(
     cfg: RunConfig,
     tracker_factory: TrackerFactory | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     stop: StopSignal | None = None,
 ) -> list[dict[str, float]]:
     """Initialise the process group from the launcher's environment, train, shut down.

@@ -41,10 +41,20 @@ from pretrain.plots import plot_training_curves
 from pretrain.stop_signal import StopSignal
 
 logger = logging.getLogger("pretrain")
+# the trainer's progress lines (step, checkpoint, resume, stop); launch/logging_setup.py shows
+# them on stdout, rank 0 only unless all ranks are asked for
+console = logging.getLogger("pretrain.console")
+
+
+def log_console(message: str) -> None:
+    """The default ``Trainer.log``: one progress line through the ``pretrain.console`` logger."""
+    console.info(message)
+
 
 EVAL_SEED_OFFSET = 1_000_003  # synthetic held-out data: a seed no training stage uses
 STAGE_SEED_STRIDE = 1_000  # each stage reads its own sample order
 MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 2  # then non-finite losses are not transient: stop
+DATA_WAIT_SHOWN = 0.1  # the console line names the data wait from this share of the step on
 
 
 class Tracker(Protocol):
@@ -95,7 +105,7 @@ class Trainer:
     checkpoints: CheckpointStore
     tracker_factory: Callable[[str | None], Tracker | None]  # MLflow run id to continue
     run_dir: Path
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = log_console
     tracker: Tracker | None = None
     comm: CommStats = field(default_factory=CommStats)  # bytes per process group, per step
     split: ContextSplit = field(default_factory=lambda: ContextSplit(None))  # CP slice per rank
@@ -212,7 +222,10 @@ class Trainer:
         lr = tc.lr * lr_multiplier(self.state.step, tc) * stage.cfg.lr_factor
         for group in self.engine.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        # the input pipeline's cost: this rank's wait for the reader and the host->device copy
+        data_t0 = time.perf_counter()
         micro = self._micro_batches()
+        data_wait_s = time.perf_counter() - data_t0
         self.progress.enter(self.state.step + 1, "forward/backward")
         loss, aux, _ = self._forward_backward(micro)
         self.progress.enter(self.state.step + 1, "loss check, clipping, optimizer step")
@@ -249,6 +262,9 @@ class Trainer:
             "skipped": 0.0 if finite else 1.0,
             # corrupt samples this rank's readers skipped, whole run (see docs/data.md)
             "data/skipped_samples": float(self._skipped_samples()),
+            # rank 0's wait for its batches; a slow peer's shows as collective time instead
+            "data/wait_s": data_wait_s,
+            "data/wait_share": data_wait_s / elapsed,
             **component,
             **step_shares(component, elapsed),
         }
@@ -384,10 +400,12 @@ class Trainer:
             self.tracker.log_metrics(metrics, step=step)
         if step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.steps):
             mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            share = metrics.get("data/wait_share", 0.0)
+            wait = f" | data wait {share:.0%}" if share >= DATA_WAIT_SHOWN else ""
             self.log(
                 f"step {step:>6d} | stage {int(metrics['stage'])} | loss {metrics['loss']:.4f}"
                 f" | aux {metrics['aux_loss']:.4f} | grad_norm {metrics['grad_norm']:.3f}"
-                f" | lr {metrics['lr']:.2e} | tokens/s {metrics['tokens_per_s']:,.0f}{mfu}"
+                f" | lr {metrics['lr']:.2e} | tokens/s {metrics['tokens_per_s']:,.0f}{mfu}{wait}"
             )
 
     def _maybe_evaluate(self) -> None:

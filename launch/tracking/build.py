@@ -90,6 +90,7 @@ def build_tracker(
     flush_interval_s: float = 2.0,
     close_timeout_s: float = 15.0,
     max_buffered: int = 100_000,
+    attach: bool = False,
 ) -> Tracker:
     """Build the tracker for this process; never raises because of the tracking store.
 
@@ -107,6 +108,8 @@ def build_tracker(
         flush_interval_s: how often the background thread sends a batch.
         close_timeout_s: the most ``close()`` waits for the final flush.
         max_buffered: metric points kept while the store is unreachable (oldest dropped).
+        attach: only add to the existing run ``run_id`` and leave its status as it is
+            (``MlflowSession``'s ``attach``; ``hydra-pretrain eval --mlflow``).
 
     Returns:
         A :class:`MlflowTracker` on the main process when enabled, else a :class:`NullTracker`
@@ -135,6 +138,7 @@ def build_tracker(
         resume_run_id=run_id,
         tags={"run_dir": str(run_dir)},
         system_metrics=system_metrics,
+        attach=attach,
     )
     return MlflowTracker(
         session,

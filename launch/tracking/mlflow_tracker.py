@@ -25,7 +25,12 @@ from typing import Any
 from launch.tracking.backlog import HistoryBacklog
 from launch.tracking.buffer import ArtifactItem, MetricPoint, TrackingBuffer
 from launch.tracking.params import flatten_config, sanitize_key
-from launch.tracking.session import MAX_METRICS_PER_BATCH, MlflowSession, is_permanent
+from launch.tracking.session import (
+    MAX_METRICS_PER_BATCH,
+    MlflowSession,
+    RunNotFound,
+    is_permanent,
+)
 
 logger = logging.getLogger("launch.tracking")
 
@@ -80,6 +85,7 @@ class MlflowTracker:
         self._warned_values: set[str] = set()
         self._key_cache: dict[str, str] = {}
         self._inflight: list[MetricPoint] = []
+        self.last_error: str | None = None  # the latest failure of the store, one line
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracking", daemon=True)
         self._thread.start()
         atexit.register(self._close_at_exit)
@@ -96,6 +102,11 @@ class MlflowTracker:
     def dropped_metrics(self) -> int:
         """Metric points dropped because the buffer was full."""
         return self._buffer.dropped_metrics
+
+    @property
+    def disabled(self) -> bool:
+        """Whether tracking was switched off for good (the store or run cannot work here)."""
+        return self._disabled
 
     @property
     def pending_metrics(self) -> int:
@@ -248,7 +259,7 @@ class MlflowTracker:
             return
         try:
             run_id = self._session.connect()
-        except ImportError as exc:
+        except (ImportError, RunNotFound) as exc:
             raise TrackingDisabled(exc) from exc
         with self._lock:
             self._run_id = run_id
@@ -318,6 +329,7 @@ class MlflowTracker:
                 logger.warning("MLflow rejected artifact %s (%s); dropped", item.path, exc)
 
     def _mark_unhealthy(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {first_line(exc)}"
         if self._healthy:
             self._healthy = False
             logger.warning(
@@ -342,6 +354,7 @@ class MlflowTracker:
             self._drop_warned = False
 
     def _disable(self, exc: Exception) -> None:
+        self.last_error = first_line(exc)
         self._disabled = True
         self._run_ready.set()
         logger.warning(

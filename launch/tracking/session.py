@@ -23,6 +23,10 @@ _PERMANENT_ERROR_CODES = frozenset(
 )
 
 
+class RunNotFound(Exception):
+    """An attached session's run is not in the store (retrying cannot bring it)."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether a failed request should be dropped rather than retried."""
     return getattr(exc, "error_code", None) in _PERMANENT_ERROR_CODES
@@ -47,6 +51,9 @@ class MlflowSession:
         tags: tags set on a new run.
         system_metrics: start MLflow's system-metrics sampler (needs psutil) on the run.
         client_factory: builds the client from the URI (a seam for tests).
+        attach: add to ``resume_run_id`` only (``hydra-pretrain eval --mlflow``): a run the
+            store lacks is a ``RunNotFound`` error instead of a new run, the run's status is
+            left as it is (its training may still be going), and every point is sent.
     """
 
     def __init__(
@@ -59,7 +66,9 @@ class MlflowSession:
         tags: dict[str, str] | None = None,
         system_metrics: bool = False,
         client_factory: Callable[[str], Any] | None = None,
+        attach: bool = False,
     ) -> None:
+        self.attach = attach
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
@@ -105,12 +114,17 @@ class MlflowSession:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
+            if self.attach:
+                raise RunNotFound(f"MLflow run {self.resume_run_id} is not in the store") from exc
             logger.warning(
                 "MLflow run %s not found in %s; starting a new run",
                 self.resume_run_id,
                 self.tracking_uri,
             )
             return None
+        if self.attach:
+            self.resumed = True
+            return run.info.run_id
         if run.info.lifecycle_stage == "deleted":
             self.client.restore_run(run.info.run_id)
         self.client.update_run(run.info.run_id, status="RUNNING")
@@ -232,5 +246,5 @@ class MlflowSession:
     def finish(self, status: str) -> None:
         """Stop the system metrics and mark the run ``status`` (FINISHED, FAILED, KILLED)."""
         self.stop_system_metrics()
-        if self.run_id is not None:
+        if self.run_id is not None and not self.attach:
             self.client.set_terminated(self.run_id, status=status)

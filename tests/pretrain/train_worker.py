@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from launch.logging_setup import configure_logging  # noqa: E402
 from launch.train import make_tracker  # noqa: E402
 from parallel.dist import init_distributed, run_and_exit, shutdown  # noqa: E402
 from pretrain.build import build_trainer  # noqa: E402
@@ -154,6 +155,7 @@ def skip_deepspeed_shm_build() -> None:
 
 def main(argv: list[str]) -> int:
     config, stop_at, *overrides = argv
+    configure_logging()  # the trainer's lines on stdout, rank 0's, as launch.train shows them
     cfg = load_config(config, overrides)
     if cfg.parallel.backend == "deepspeed":
         skip_deepspeed_shm_build()
