@@ -48,7 +48,7 @@ def torchrun(
     env.pop("HYDRA_TEST_FAULT", None)
     if fault:
         env["HYDRA_TEST_FAULT"] = fault
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # hang guard
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
