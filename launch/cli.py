@@ -28,7 +28,8 @@ Pretraining for hybrid long-context language models (Hydra, Attamba, Dreamer).
 The same train command runs one process, or each rank under torchrun or deepspeed:
   hydra-pretrain train --config configs/hydra-tiny.yaml train.steps=200
   torchrun --nproc_per_node 2 $(which hydra-pretrain) train --config CONFIG parallel.backend=fsdp2
-  deepspeed --num_gpus 2 $(which hydra-pretrain) train --config CONFIG parallel.backend=deepspeed
+  python -m launch.deepspeed_run --num_gpus 2 $(which hydra-pretrain) train --config CONFIG ...
+(launch.deepspeed_run: the deepspeed launcher, forwarding SIGTERM to the ranks)
 
 Run "hydra-pretrain COMMAND --help" for the flags of a command."""
 

@@ -2,7 +2,7 @@
 
     hydra-pretrain train --config configs/hydra-tiny.yaml                 # one process
     torchrun --nproc_per_node 2 $(which hydra-pretrain) train --config ... parallel.backend=fsdp2
-    deepspeed --num_gpus 2 $(which hydra-pretrain) train --config ... parallel.backend=deepspeed
+    python -m launch.deepspeed_run --num_gpus 2 $(which hydra-pretrain) train --config ... parallel.backend=deepspeed
 
 ``python -m launch.train ARGS`` (and ``deepspeed launch/train.py ARGS``) is an alias of
 ``hydra-pretrain train ARGS``: the same parser (``launch.cli.add_train_arguments``). Rank, world
