@@ -13,13 +13,19 @@ import json
 import os
 import sys
 
-from data_pipeline.prepare import add_prepare_arguments, run_prepare
-from launch.evaluation import add_eval_arguments, run_eval
-from launch.export_cmd import add_export_arguments, run_export
-from launch.generate_cmd import add_generate_arguments, run_generate
-from launch.logging_setup import ALL_RANKS_ENV, configure_logging
-from launch.package_check import check_own_packages
-from pretrain.config_errors import ConfigError
+from pretrain.stop_signal import install_if_training
+
+# `train` handles SIGTERM from here on, before the imports below bring in torch (this runs when
+# the hydra-pretrain script imports this module, before it calls main)
+install_if_training(sys.argv)
+
+from data_pipeline.prepare import add_prepare_arguments, run_prepare  # noqa: E402
+from launch.evaluation import add_eval_arguments, run_eval  # noqa: E402
+from launch.export_cmd import add_export_arguments, run_export  # noqa: E402
+from launch.generate_cmd import add_generate_arguments, run_generate  # noqa: E402
+from launch.logging_setup import ALL_RANKS_ENV, configure_logging  # noqa: E402
+from launch.package_check import check_own_packages  # noqa: E402
+from pretrain.config_errors import ConfigError  # noqa: E402
 
 # --help text: plain, no reST (the module docstring is for readers of the code)
 DESCRIPTION = """\

@@ -42,9 +42,9 @@ def train_main(config: str, overrides: list[str], log_all_ranks: bool = False) -
     exits: SIGTERM at any moment then ends in a saved step or a clean exit before the first one.
     ``log_all_ranks``: every rank logs (``launch.logging_setup``), not rank 0 alone.
     """
-    from pretrain.stop_signal import StopSignal
+    from pretrain.stop_signal import process_stop_signal
 
-    stop = StopSignal().install()
+    stop = process_stop_signal().install()  # already installed when started from a command line
     from launch.logging_setup import configure_logging
     from pretrain.build import run_training
     from pretrain.config import load_config
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pretrain.stop_signal import process_stop_signal
+
+    process_stop_signal().install()  # first, before torch is imported (parallel.dist)
     from parallel.dist import run_and_exit
 
     run_and_exit(main)

@@ -325,10 +325,10 @@ class Trainer:
         """Checkpoint the current step (once: a step that is already saved is not saved again)."""
         if self._saved_step == self.state.step or not self.cfg.checkpoint.enabled:
             return
-        self._saved_step = self.state.step
         self.progress.enter(self.state.step, "checkpoint save")
         self.state.mlflow_run_id = self._shared_run_id()
         self.checkpoints.save(self.state.step, self._extra_state())
+        self._saved_step = self.state.step  # only once saved: a failed save is not a checkpoint
         self.log(f"checkpoint saved at step {self.state.step}")
 
     def maybe_resume(self) -> None:

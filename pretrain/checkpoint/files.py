@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,21 @@ def write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+LOW_SPACE_BYTES = 64 * 2**20  # below this, a failed write is most likely a full disk
+
+
+def disk_full_hint(path: Path) -> str:
+    """``" (no space left: N bytes free on the file system of PATH)"`` when that is likely
+    the cause of a failed write; torch's writers report it as e.g. "unexpected pos 704 vs 598"."""
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return ""
+    if free >= LOW_SPACE_BYTES:
+        return ""
+    return f" (no space left? {free} bytes free on the file system of {path})"
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -124,7 +124,9 @@ class CheckpointManager:
         try:
             dcp.save(app_state, checkpoint_id=tmp, process_group=self.comm.group, no_dist=no_dist)
         except CheckpointException as exc:  # a BaseException: make it catchable as an Exception
-            raise CheckpointError(f"saving step {step} failed: {verify.describe(exc)}") from exc
+            raise CheckpointError(
+                f"saving step {step} failed: {verify.describe(exc)}{files.disk_full_hint(tmp)}"
+            ) from exc
         self.layout.publish(step, tmp, verify.check_dcp_complete)
 
     def wait(self) -> None:
@@ -145,7 +147,10 @@ class CheckpointManager:
         problem = self.comm.agree(problem)
         if problem is not None:
             self.layout.discard(pending.tmp)
-            raise CheckpointError(f"async save of step {pending.step} failed: {problem}")
+            raise CheckpointError(
+                f"async save of step {pending.step} failed: {problem}"
+                f"{files.disk_full_hint(pending.tmp)}"
+            )
         self.layout.publish(pending.step, pending.tmp, verify.check_dcp_complete)
 
     def load_latest(self, app_state: dict[str, Any]) -> dict[str, Any] | None:

@@ -104,7 +104,11 @@ class CheckpointRoot:
         gathered = self.comm.all_gather((problem, data_state))
         problems = [p for p, _ in gathered if p is not None]
         if problems:
-            raise CheckpointError("could not write the extra state: " + "; ".join(problems))
+            raise CheckpointError(
+                "could not write the extra state: "
+                + "; ".join(problems)
+                + files.disk_full_hint(tmp)
+            )
         states = [state for _, state in gathered]
         self.comm.on_main(lambda: files.write_synced(tmp / DATA_STATES, serialize_extra(states)))
 
@@ -125,7 +129,11 @@ class CheckpointRoot:
         gathered = self.comm.all_gather((problem, records))
         problems = [p for p, _ in gathered if p is not None]
         if problems:
-            raise CheckpointError(f"could not hash checkpoint {tmp}: " + "; ".join(problems))
+            raise CheckpointError(
+                f"could not hash checkpoint {tmp}: "
+                + "; ".join(problems)
+                + files.disk_full_hint(tmp)
+            )
         merged = {name: rec for _, part in gathered for name, rec in part.items()}
         self.comm.on_main(lambda: self._publish(step, tmp, merged, check_complete))
 
