@@ -60,7 +60,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q --durations=25
 
 # The fault drills of docs/reliability.md: real signals at random moments, 5 trials of each drill
-# (~15 min on 2 cores; the disk-full drill needs the right to mount a tmpfs, else it is skipped).
+# (6-7 min on a busy 2-core VM; the disk-full drill needs the right to mount a tmpfs, else skipped).
 # Writes docs/results/drills.json and .md. More: make drills DRILLS_ARGS="--trials 10 --seed 1".
 .PHONY: drills
 drills: setup
