@@ -32,8 +32,17 @@ class CollectiveFailure(RuntimeError):
 
 
 def is_peer_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that timed out or lost its peer (not a bug of ours)."""
-    return isinstance(err, (RuntimeError, dist.DistError)) and bool(_PEER_FAILURE.search(str(err)))
+    """Whether ``err`` is a collective that timed out or lost its peer (not a bug of ours): a
+    ``DistError`` (NCCL, the store), or a gloo error of that kind (gloo raises RuntimeError; a
+    data loader's own "timed out" is not one)."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return (
+        isinstance(err, RuntimeError)
+        and "gloo" in text.lower()
+        and bool(_PEER_FAILURE.search(text))
+    )
 
 
 class ProgressBoard:

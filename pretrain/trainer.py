@@ -455,7 +455,7 @@ class Trainer:
             self._write_exit_status("preempted" if status == "KILLED" else "finished")
             return self.history
         except Exception as err:
-            peers_lost = is_peer_failure(err)
+            peers_lost = self.info.distributed and is_peer_failure(err)
             failure = self.progress.failure(err) if peers_lost else err
             self._write_exit_status("failed", error=str(failure), retryable=peers_lost)
             if peers_lost:  # say who stopped answering, and where

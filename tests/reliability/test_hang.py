@@ -27,3 +27,13 @@ def test_a_stopped_rank_is_named(tmp_path: Path) -> None:
     status = read_exit_status(tmp_path)
     assert status["status"] == "failed" and status["retryable"] is True, status
     assert "rank 1 at step 3" in status["error"]
+
+
+def test_only_collective_failures_count_as_lost_peers() -> None:
+    from parallel.progress import is_peer_failure
+
+    gloo = "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms"
+    assert is_peer_failure(RuntimeError(gloo))
+    assert is_peer_failure(RuntimeError("Gloo connectFullMesh failed: Connection refused"))
+    assert not is_peer_failure(RuntimeError("DataLoader timed out after 5 seconds"))
+    assert not is_peer_failure(ValueError("gloo timed out"))  # not an error gloo raises
