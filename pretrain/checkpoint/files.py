@@ -121,7 +121,7 @@ def disk_full_hint(path: Path) -> str:
         return ""
     if free >= LOW_SPACE_BYTES:
         return ""
-    return f" (no space left? {free} bytes free on the file system of {path})"
+    return f" (No space left on device? {free} bytes free on the file system of {path})"
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -49,8 +49,8 @@ def test_disk_full_fails_clearly_and_publishes_nothing_incomplete(small_disk: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "no space left?" in proc.stderr, proc.stderr[-3000:]
+    assert "No space left on device?" in proc.stderr, proc.stderr[-3000:]
     status = read_exit_status(run_dir)
-    assert status["status"] == "failed" and "no space left?" in status["error"], status
+    assert status["status"] == "failed" and "No space left on device?" in status["error"], status
     for ckpt in step_dirs(run_dir / "checkpoints"):  # whatever was published is complete
         assert (ckpt / "manifest.json").is_file(), ckpt
