@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from parallel.dist import launcher_rank, launcher_world_size
+
 CONSOLE_LOGGER = "pretrain.console"  # pretrain.trainer.console: the trainer's progress lines
 ALL_RANKS_ENV = "HYDRA_LOG_ALL_RANKS"
 RECORD_FORMAT = "%(asctime)s %(name)s: %(message)s"
@@ -52,11 +54,6 @@ class _CurrentStream(logging.StreamHandler):
         pass
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
 def log_all_ranks_from_env() -> bool:
     """Whether ``HYDRA_LOG_ALL_RANKS`` asks for every rank's records (``1``/``true``/``yes``)."""
     return os.environ.get(ALL_RANKS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
@@ -71,7 +68,7 @@ def configure_logging(all_ranks: bool = False, level: int = logging.INFO) -> Non
             world size come from the launcher's ``RANK``/``WORLD_SIZE``.
         level: the lowest level shown.
     """
-    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    rank, world = launcher_rank(), launcher_world_size()
     all_ranks = all_ranks or log_all_ranks_from_env()
     marked = world > 1 and (all_ranks or rank != 0)
     prefix = f"[rank {rank}] " if marked else ""

@@ -86,7 +86,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         timeout_s: collectives that hang longer fail with an error instead of waiting forever,
             in every group (the device mesh's too); None: ``CPU_TIMEOUT_S`` or ``GPU_TIMEOUT_S``.
     """
-    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    rank, world = launcher_rank(), launcher_world_size()
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():

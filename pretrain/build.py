@@ -145,20 +145,19 @@ def _start_and_train(
         write_exit_status(run_dir, "running", step=None)
     info = None
     try:
-        info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
-        trainer = build_trainer(cfg, info, tracker_factory, log, stop)
-    except Exception as err:
-        if is_main:
-            write_exit_status(
-                run_dir, "failed", step=None, error=str(err), retryable=is_peer_failure(err)
-            )
-        if info is not None:
-            shutdown(info)
-        raise
-    try:
+        try:
+            info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+            trainer = build_trainer(cfg, info, tracker_factory, log, stop)
+        except Exception as err:  # the trainer records its own failures from here on
+            if is_main:
+                write_exit_status(
+                    run_dir, "failed", step=None, error=str(err), retryable=is_peer_failure(err)
+                )
+            raise
         return trainer.run()
     finally:
-        shutdown(info)
+        if info is not None:
+            shutdown(info)
 
 
 def run_training(

@@ -101,15 +101,7 @@ class CheckpointRoot:
             data_state = extra.get(self.data_key)
         except Exception as exc:
             problem = f"rank {self.comm.rank}: {exc}"
-        gathered = self.comm.all_gather((problem, data_state))
-        problems = [p for p, _ in gathered if p is not None]
-        if problems:
-            raise CheckpointError(
-                "could not write the extra state: "
-                + "; ".join(problems)
-                + files.disk_full_hint(tmp)
-            )
-        states = [state for _, state in gathered]
+        states = self._gather_or_raise(problem, data_state, "could not write the extra state", tmp)
         self.comm.on_main(lambda: files.write_synced(tmp / DATA_STATES, serialize_extra(states)))
 
     def publish(self, step: int, tmp: Path, check_complete: CompletenessCheck) -> None:
@@ -126,16 +118,18 @@ class CheckpointRoot:
                 records[name] = files.file_record(tmp / name)
         except OSError as exc:
             problem = f"rank {self.comm.rank}: {exc}"
-        gathered = self.comm.all_gather((problem, records))
+        parts = self._gather_or_raise(problem, records, f"could not hash checkpoint {tmp}", tmp)
+        merged = {name: rec for part in parts for name, rec in part.items()}
+        self.comm.on_main(lambda: self._publish(step, tmp, merged, check_complete))
+
+    def _gather_or_raise(self, problem: str | None, value: Any, failed: str, tmp: Path) -> list:
+        """Every rank's ``value`` (collective); a ``problem`` on any rank raises, on every rank,
+        ``CheckpointError`` naming them all (with a hint when ``tmp``'s disk is full)."""
+        gathered = self.comm.all_gather((problem, value))
         problems = [p for p, _ in gathered if p is not None]
         if problems:
-            raise CheckpointError(
-                f"could not hash checkpoint {tmp}: "
-                + "; ".join(problems)
-                + files.disk_full_hint(tmp)
-            )
-        merged = {name: rec for _, part in gathered for name, rec in part.items()}
-        self.comm.on_main(lambda: self._publish(step, tmp, merged, check_complete))
+            raise CheckpointError(f"{failed}: " + "; ".join(problems) + files.disk_full_hint(tmp))
+        return [v for _, v in gathered]
 
     def discard(self, tmp: Path) -> None:
         """Remove an unfinished checkpoint directory (rank 0; collective)."""
