@@ -503,7 +503,8 @@ def _reference(module: str, name: str) -> Loader:
 
 BACKENDS: dict[str, dict[str, Loader]] = {
     "ssd": {
-        "torch": _reference("kernels.ssd.ref", "ssd_scan_chunked"),
+        # what the trainer's torch backend runs (bounded memory, recomputes in backward)
+        "torch": _reference("kernels.ssd.chunked", "ssd_scan_bounded"),
         "triton": _ssd_triton,
         "mamba_ssm": _via_dispatch("ssd", "kernels.ssd.op", "ssd_scan", "mamba_ssm"),
     },

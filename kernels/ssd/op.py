@@ -1,11 +1,13 @@
-"""The SSD scan op with a choice of backend: ``torch`` (chunked reference), ``triton``, ``mamba_ssm``.
+"""The SSD scan op with a choice of backend: ``torch`` (chunked, CPU), ``triton``, ``mamba_ssm``.
 
 Shape legend: b batch, T time, H heads, P head dim, G B/C groups, N state size.
 
 All backends compute the op defined in ``kernels/ssd/ref.py`` (same arguments, same outputs):
 ``dt`` is already softplus'ed, ``A`` negative, a change of ``seq_idx`` starts a document, the
 initial state belongs to the first document of each row, y comes back in x's dtype and the final
-state in fp32 (fp64 for fp64 inputs).
+state in fp32 (fp64 for fp64 inputs). ``torch`` is ``kernels.ssd.chunked.ssd_scan_bounded``: the
+chunked algorithm of ``ssd_scan_chunked`` with a hand-written backward that keeps O(T * state)
+for backward instead of every chunk's [L, L] tensors.
 
 mamba_ssm (``mamba_chunk_scan_combined``), argument by argument:
 
@@ -35,7 +37,8 @@ from collections.abc import Callable
 import torch
 
 from kernels.backends import TRITON_MODULES, BackendUnavailableError, load_backend_function
-from kernels.ssd.ref import document_ids, ssd_scan_chunked
+from kernels.ssd.chunked import ssd_scan_bounded
+from kernels.ssd.ref import document_ids
 
 _MAMBA_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 _mamba_chunk_scan: Callable | None = None
@@ -153,7 +156,7 @@ def ssd_scan(
         ValueError: unknown backend.
     """
     if backend == "torch":
-        return ssd_scan_chunked(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
+        return ssd_scan_bounded(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     if backend == "triton":
         scan = load_backend_function("ssd", "triton", *TRITON_MODULES["ssd"])
         return scan(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
