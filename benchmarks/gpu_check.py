@@ -644,7 +644,7 @@ def measure_train_step(plan: Plan, device: torch.device, built: dict[str, Any]) 
     first_s = time.perf_counter() - t0
     seconds = median_seconds(step, device, plan.big_repeats, warmup=plan.big_warmup - 1)
     peak = peak_bytes(step, device)  # one more step: bytes above what was live before it
-    per_token = built["flops"].train_per_token
+    per_token = built["flops"].model_train_per_token  # MFU counts model FLOPs (3x forward)
     tokens_per_s = b * L / seconds
     achieved = per_token * tokens_per_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -31,7 +31,7 @@ from pretrain.curriculum import Stage, apply_stage
 from pretrain.data_config import reader_config
 from pretrain.evaluate import evaluate
 from pretrain.exit_status import write_exit_status
-from pretrain.flops import count_flops, device_peak_flops
+from pretrain.flops import FlopCount, count_flops, device_peak_flops
 from pretrain.history import METRICS_FILE, append_metrics, read_metrics, rewrite_metrics
 from pretrain.loss import IGNORE_INDEX
 from pretrain.metrics import component_metrics, peak_memory_gib, step_shares
@@ -117,7 +117,7 @@ class Trainer:
     stop: StopSignal = field(default_factory=StopSignal)
     progress: ProgressBoard = field(default_factory=ProgressBoard)  # names a hung rank
     # per (stage, block runs): its seq_len, and the depth a looped stack trains at
-    _flops_per_token: dict[tuple[int, tuple[float, ...]], float] = field(default_factory=dict)
+    _flops_per_token: dict[tuple[int, tuple[float, ...]], FlopCount] = field(default_factory=dict)
     _saved_step: int = -1
     _run_id_waited: bool = False
     _rollbacks_to: dict[int, int] = field(default_factory=dict)  # checkpoint step -> rollbacks
@@ -277,18 +277,24 @@ class Trainer:
     def _throughput_metrics(self, stage: Stage, tokens_per_s: float) -> dict[str, float]:
         # a looped stack may train at another depth each step: count what this step ran
         runs = tuple(self.model.stack.runs_per_forward(training=True).values())
-        flops_per_token = self._flops_per_token.get((stage.index, runs))
-        if flops_per_token is None:
-            flops_per_token = count_flops(self.model, stage.seq_len, training=True).train_per_token
-            self._flops_per_token[(stage.index, runs)] = flops_per_token
+        flops = self._flops_per_token.get((stage.index, runs))
+        if flops is None:
+            flops = count_flops(self.model, stage.seq_len, training=True)
+            self._flops_per_token[(stage.index, runs)] = flops
         out = {"peak_memory_gib": peak_memory_gib(self.info.device)}
         peak = self.cfg.train.peak_tflops
         peak_flops = peak * 1e12 if peak else None
         if peak_flops is None and self.info.device.type == "cuda":
             peak_flops = device_peak_flops(torch.cuda.get_device_name(self.info.device))
-        out["tflops_per_device"] = flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        # executed FLOPs (recomputation included): what the hardware did
+        executed = flops.train_per_token * tokens_per_s / self.info.world_size
+        out["tflops_per_device"] = executed / 1e12
         if peak_flops:
-            out["mfu"] = flops_per_token * tokens_per_s / (peak_flops * self.info.world_size)
+            # mfu counts model FLOPs (3x forward), hfu the executed ones
+            out["mfu"] = (
+                flops.model_train_per_token * tokens_per_s / (peak_flops * self.info.world_size)
+            )
+            out["hfu"] = executed / peak_flops
         return out
 
     def _is_log_step(self) -> bool:

@@ -55,7 +55,9 @@ def test_two_tiny_models_at_equal_tokens_then_the_corpus_is_reused(
         assert m["final_eval_loss"] < math.log(300) + 1.0  # near or below uniform, not diverged
         assert m["params"] > 0 and m["train_s"] > 0 and m["tokens_per_s"] > 0
         assert m["attention_flops_per_token"] > 0
-        assert m["train_flops_per_token"] == pytest.approx(3 * m["forward_flops_per_token"])
+        # each part's real backward: 2x its forward, more where attention or the scan recompute
+        fwd = m["forward_flops_per_token"]
+        assert 3 * fwd < m["train_flops_per_token"] <= 3.5 * fwd
         assert set(m["cache_bytes"]) == {"64", "8192"}
     assert models["hydra-tiny"]["family"] == "hydra"
     assert models["transformer-29m"]["family"] == "transformer"

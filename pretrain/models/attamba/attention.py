@@ -15,10 +15,14 @@ states (``cache_bytes``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from kernels.attention.boundary import chunk_ids
+# _query_groups: the slot groups the blocked kernel scores, which the FLOP count follows
+from kernels.attention.boundary import _query_groups, boundary_slot_bound, chunk_ids
 from kernels.attention.op import chunk_boundary_attention
 from pretrain.models.attamba.config import AttambaConfig
 from pretrain.models.attamba.decode import (
@@ -178,11 +182,57 @@ class AttambaAttention(nn.Module):
         boundaries = torch.where(seen >= 0, torch.floor(seen / P) + 1, torch.zeros_like(t))
         return float((window + boundaries).mean())
 
+    def executed_keys(self, seq_len: int) -> float:
+        """Keys the attention kernel scores per query, mean over a row of ``seq_len`` tokens.
+
+        ``torch`` (blocked, ``kernels.attention.boundary``): each block of W = min(leading, T)
+        queries scores its own and the previous key block (2W keys, padded queries included),
+        and each query group scores the boundary slots its last query may need. The groups are
+        laid out for a batch of one (a large batch * heads * slots splits them finer and
+        scores a few slots less). ``flex`` skips masked tiles: counted at the visible keys.
+        """
+        if self.kernel_backend != "torch":
+            return self.visible_keys(seq_len)
+        cfg = self.cfg
+        blk = min(cfg.leading_tokens, seq_len)
+        window = math.ceil(seq_len / blk) * blk * 2 * blk
+        n_slots = boundary_slot_bound(seq_len, cfg.chunk_size, self.offset, cfg.leading_tokens)
+        groups = _query_groups(
+            1, seq_len, self.n_heads, n_slots, cfg.chunk_size, self.offset, cfg.leading_tokens
+        )
+        slots = sum((t1 - t0) * hi for t0, t1, hi in groups)
+        return (window + slots) / seq_len
+
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token: ``q`` and ``out`` projections, the key and value scans'
+        parts (``kv_proj``, ``kv_conv``, ``kv_scan``) and ``scores``, q.k and p.v over the
+        ``executed_keys``."""
+        return {
+            "q": 2.0 * self.wq.weight.numel(),
+            **self._scan_parts(lambda scan: scan.flops_breakdown(seq_len)),
+            "scores": 2 * 2 * self.n_heads * self.head_dim * self.executed_keys(seq_len),
+            "out": 2.0 * self.wo.weight.numel(),
+        }
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: q/o projections, the two scans, q.k and p.v over the keys."""
-        proj = 2 * (self.wq.weight.numel() + self.wo.weight.numel())
-        scans = self.k_scan.flops_per_token(seq_len) + self.v_scan.flops_per_token(seq_len)
-        return proj + scans + 2 * 2 * self.n_heads * self.head_dim * self.visible_keys(seq_len)
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
+
+    def backward_flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Backward FLOPs per token: two products per projection, the scans' own backward, and
+        2.5x the ``scores`` (both parts are flash-style: q.k recomputed, then dv, dp, dq, dk)."""
+        fwd = self.flops_breakdown(seq_len)
+        return {
+            "q": 2 * fwd["q"],
+            **self._scan_parts(lambda scan: scan.backward_flops_breakdown(seq_len)),
+            "scores": 2.5 * fwd["scores"],
+            "out": 2 * fwd["out"],
+        }
+
+    def _scan_parts(self, per_scan: Callable[[Mamba2Mixer], dict[str, float]]) -> dict[str, float]:
+        """``kv_<part>``: a per-part count of the key scan plus that of the value scan."""
+        k, v = per_scan(self.k_scan), per_scan(self.v_scan)
+        return {f"kv_{part}": k[part] + v[part] for part in k}
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence for decoding after ``context_len`` tokens (``AttambaCache``):

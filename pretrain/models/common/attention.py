@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import ChunkSummaries
-from kernels.attention.causal import document_causal_attention
+from kernels.attention.causal import QUERY_BLOCK, document_causal_attention, resolve_backend
 from kernels.attention.op import sparse_global_attention
 from kernels.attention.ref import pool_chunk_sums, summary_block_width, visible_chunk_summaries
 from pretrain.models.common.attention_decode import (
@@ -33,6 +33,9 @@ from pretrain.models.common.attention_decode import (
 from pretrain.models.common.layers import apply_rope, rope_angles
 from pretrain.models.common.sequence import SequenceContext, resolve_context
 from pretrain.models.config import AttentionConfig
+
+# FlexAttention's default tile (BlockMask block size): the unit its block-sparse mask skips in.
+FLEX_TILE = 128
 
 
 class _AttentionBase(nn.Module):
@@ -100,10 +103,29 @@ class _AttentionBase(nn.Module):
             dtype if dtype is not None else weight.dtype,
         )
 
-    def _flops_per_token(self, visible: float) -> float:
-        """Projections (two FLOPs per weight) plus q.k and p.v over ``visible`` keys per query."""
-        proj = 2 * sum(p.numel() for p in self.parameters())
-        return proj + 2 * 2 * self.n_heads * self.head_dim * visible
+    def executed_keys(self, seq_len: int) -> float:
+        """Keys the attention kernel scores per query (mean over a row of ``seq_len`` tokens)."""
+        raise NotImplementedError
+
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token: ``qkv`` and ``out`` projections (two per weight) and
+        ``scores``, q.k and p.v over the ``executed_keys`` of each query."""
+        return {
+            "qkv": 2.0 * sum(lin.weight.numel() for lin in (self.wq, self.wk, self.wv)),
+            "scores": 2 * 2 * self.n_heads * self.head_dim * self.executed_keys(seq_len),
+            "out": 2.0 * self.wo.weight.numel(),
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
+
+    def backward_flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Backward FLOPs per token: two products per projection, and 2.5x the ``scores``:
+        every attention kernel here is flash-style, its backward recomputes q.k and then forms
+        dv, dp, dq and dk (five products of the forward's two)."""
+        fwd = self.flops_breakdown(seq_len)
+        return {"qkv": 2 * fwd["qkv"], "scores": 2.5 * fwd["scores"], "out": 2 * fwd["out"]}
 
     def _kv_bytes(self, positions: int, bytes_per_elem: int) -> int:
         """Bytes of the keys and values of ``positions`` positions (all key/value heads)."""
@@ -150,9 +172,41 @@ class SparseGlobalAttention(_AttentionBase):
     kernel_op = "attention"  # which kernel backend setting applies (see kernels.backends)
     kernel_backend = "torch"  # set per instance by apply_kernel_backends
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token at ``seq_len``, over the mean number of keys a query sees."""
-        return self._flops_per_token(sga_visible_keys(self.cfg, seq_len))
+    def executed_keys(self, seq_len: int) -> float:
+        """Keys scored per query: the window part plus the summary part (``_executed_keys``)."""
+        return sum(self._executed_keys(seq_len))
+
+    def _executed_keys(self, seq_len: int) -> tuple[float, float]:
+        """(window keys, summary keys) scored per query on this backend, mean over a row.
+
+        ``torch`` (blocked, ``kernels.attention.ref``): each block of W = min(window, T) queries
+        scores its own and the previous key block (2W keys; padded queries of the last block
+        included) and the ``summary_block_width`` summaries gathered for the block. ``flex``
+        skips masked 128 x 128 tiles: counted at the visible keys (tile rounding left out);
+        ``flash_attn`` likewise for the window, its summary part is the blocked one.
+        """
+        cfg = self.cfg
+        blk = min(cfg.window, seq_len)
+        padded = math.ceil(seq_len / blk) * blk / seq_len
+        n_summaries = 0  # as ``_attend``: shorter rows build no summaries
+        if cfg.n_global > 0 and seq_len > cfg.window:
+            n_summaries = (seq_len - 1) // cfg.summary_chunk
+        width = min(summary_block_width(cfg.n_global, blk, cfg.summary_chunk), n_summaries)
+        window, summaries = _sga_visible_keys(cfg, seq_len)
+        if self.kernel_backend == "torch":
+            return padded * 2 * blk, padded * width
+        if self.kernel_backend == "flash_attn":
+            return window, padded * width
+        return window, summaries
+
+    def backward_flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """As for every attention here; ``flash_attn`` adds one more flash forward and backward
+        of the window part to restore its log-sum-exp gradient (``kernels/attention/flash.py``)."""
+        out = super().backward_flops_breakdown(seq_len)
+        if self.kernel_backend == "flash_attn":
+            window = self._executed_keys(seq_len)[0]
+            out["scores"] += (2 + 5) * 2 * self.n_heads * self.head_dim * window
+        return out
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence to decode token ``context_len + 1`` incrementally.
@@ -297,10 +351,23 @@ class SparseGlobalAttention(_AttentionBase):
 
 def sga_visible_keys(cfg: AttentionConfig, seq_len: int) -> float:
     """Mean number of keys a query sees in SGA: its local window plus completed-chunk summaries."""
+    return sum(_sga_visible_keys(cfg, seq_len))
+
+
+def _sga_visible_keys(cfg: AttentionConfig, seq_len: int) -> tuple[float, float]:
+    """Mean (window keys, summaries) a query of a one-document row of ``seq_len`` tokens sees."""
     t = torch.arange(seq_len, dtype=torch.float64)
     local = torch.clamp(t + 1, max=cfg.window)
     summaries = torch.clamp(torch.floor((t + 1) / cfg.summary_chunk), max=cfg.n_global)
-    return float((local + summaries).mean())
+    return float(local.mean()), float(summaries.mean())
+
+
+def _prefix_block_keys(seq_len: int, block: int) -> float:
+    """Mean keys per query when queries run in blocks of ``block`` rows, each over the keys up
+    to its block's end."""
+    ends = torch.arange(block, seq_len + block, block, dtype=torch.float64).clamp(max=seq_len)
+    rows = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
+    return float((rows * ends).sum()) / seq_len
 
 
 def _row_columns(row: torch.Tensor, start: int, width: int, fill: int) -> torch.Tensor:
@@ -323,9 +390,18 @@ class CausalSelfAttention(_AttentionBase):
     (``_keys_up_to_slice``).
     """
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token at ``seq_len``: a query sees (seq_len + 1) / 2 keys on average."""
-        return self._flops_per_token((seq_len + 1) / 2)
+    def executed_keys(self, seq_len: int) -> float:
+        """Keys scored per query on the path training takes (``seq_idx`` given), mean over a row.
+
+        Both paths run query blocks of W rows, each over the keys up to the block's end (masked
+        elementwise): the ``torch`` path W = ``QUERY_BLOCK`` (so a row of T <= 1024 tokens
+        scores the full T x T square), ``flex`` its 128 x 128 tiles (about half the square;
+        tiles between two packed documents, which it also skips, are not modelled). The device
+        of the weights decides the path, as ``document_causal_attention``'s ``auto`` does.
+        """
+        backend = resolve_backend("auto", self.wq.weight.device)
+        block = FLEX_TILE if backend == "flex" else QUERY_BLOCK
+        return _prefix_block_keys(seq_len, block)
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes of the KV cache of one sequence: every key and value of ``context_len`` tokens."""

@@ -185,12 +185,22 @@ class ProductKeyMemory(nn.Module):
         """Clear the usage counts (e.g. after each logging interval)."""
         self.usage_counts.zero_()
 
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token (``seq_len``-free): ``query``, ``search`` (the two
+        half-searches over the sub-keys), ``lookup`` (the weighted sum of the
+        ``n_heads * top_k`` rows read) and ``out`` (Dv -> D, only when Dv != D)."""
+        out = {
+            "query": 2.0 * self.query.weight.numel(),
+            "search": 2.0 * self.n_heads * 2 * self.n_subkeys * (self.d_key // 2),
+            "lookup": 2.0 * self.n_heads * self.top_k * self.d_value,
+        }
+        if self.out is not None:
+            out["out"] = 2.0 * self.out.weight.numel()
+        return out
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: the query, the two half-searches over the sub-keys and the
-        weighted sum of the ``n_heads * top_k`` rows read (``seq_len``-free)."""
-        rows = self.n_heads * self.top_k
-        search = 2 * self.n_heads * 2 * self.n_subkeys * (self.d_key // 2)
-        return 2 * self.query.weight.numel() + search + 2 * rows * self.d_value
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
 
     def active_params(self) -> int:
         """Parameters one token's forward touches: all but the value rows it does not read."""

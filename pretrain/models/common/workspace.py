@@ -156,11 +156,31 @@ class WorkspaceMemory(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.zeros_(self.gate.bias)
 
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token of ``_forward_rows`` on rows of ``seq_len`` tokens.
+
+        It writes S = (T - 1) // C chunks per row (the most that are ever read, whatever the
+        packing). ``token_proj``: ``read_q`` and ``read_out`` of every token, ``write_kv`` of
+        the S * C written tokens. ``slot_proj``: per write ``write_q``, ``write_out`` and the
+        gate on the M slots, and ``read_kv`` of the 1 + S slot states read (the initial one
+        and one per write); per row, so spread over its tokens. ``attention``: q.k and p.v of
+        every token's read over M slots, computed for all T tokens against the initial slots
+        and again for the S * C readers of a write, plus each write's M slot queries over its
+        C tokens.
+        """
+        d, m, c = self.d_model, self.n_slots, self.chunk_size
+        writes = max(seq_len - 1, 0) // c
+        per_write = 2 * m * (d * d + d * d + 2 * d * d)  # write_q, write_out, gate (2D -> D)
+        per_state = 2 * m * 2 * d * d  # read_kv (D -> 2D)
+        return {
+            "token_proj": 2 * 2 * d * d + 2 * 2 * d * d * writes * c / seq_len,
+            "slot_proj": (writes * per_write + (1 + writes) * per_state) / seq_len,
+            "attention": 2 * 2 * m * d * (seq_len + 2 * writes * c) / seq_len,
+        }
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: two per weight, plus the read and the write attention
-        (q.k and p.v against M slots, ``seq_len``-free)."""
-        params = sum(p.numel() for p in self.parameters())
-        return 2 * params + 4 * self.d_model * self.n_slots * 2
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes kept per sequence to decode incrementally after ``context_len`` tokens.

@@ -108,12 +108,21 @@ class DepthAttention(nn.Module):
             out = out + probs[..., j, None] * depth.values[j]
         return self.wo(out.reshape(B, T, D))
 
-    def flops_for_runs(self, seq_len: int, runs: float) -> float:
-        """Forward FLOPs per token of ``runs`` iterations: per iteration the query and output
-        projections and the key/value projections of the one state it stores (4 D x D
-        matmuls), and at iteration r scores and a weighted sum over r + 1 entries."""
+    def flops_breakdown_for_runs(self, seq_len: int, runs: float) -> dict[str, float]:
+        """Forward FLOPs per token of ``runs`` iterations, by part: per iteration ``qkv`` (the
+        query and the key/value of the one state it stores) and ``out`` (D x D matmuls), and
+        ``scores``: at iteration r, q.k and p.v over r + 1 entries (elementwise products and
+        sums, no matmul)."""
         d = self.wq.weight.shape[0]
-        return runs * 2 * 4 * d * d + 2 * 2 * d * runs * (runs + 1) / 2
+        return {
+            "qkv": runs * 2 * 3 * d * d,
+            "scores": 2 * 2 * d * runs * (runs + 1) / 2,
+            "out": runs * 2 * d * d,
+        }
+
+    def flops_for_runs(self, seq_len: int, runs: float) -> float:
+        """Forward FLOPs per token of ``runs`` iterations (the sum of the breakdown)."""
+        return sum(self.flops_breakdown_for_runs(seq_len, runs).values())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token and iteration, averaged over R = ``recurrence`` iterations."""

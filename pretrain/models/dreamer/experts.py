@@ -107,9 +107,12 @@ class ExpertAttention(ChunkMoE):
         load.zero_()
         super().after_optimizer_step(stepped)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """The MoE's count (expert keys and top-k experts) plus the router query."""
-        return super().flops_per_token(seq_len) + 2 * self.query.weight.numel()
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """The MoE's parts, the ``router`` adding the query W_q x to the scores against the
+        expert keys."""
+        out = super().flops_breakdown(seq_len)
+        out["router"] += 2 * self.query.weight.numel()
+        return out
 
     def selection_metrics(self) -> dict[str, float]:
         """Per depth r of the last step: the expert load (``depth{r}/expert{e}``, fractions of
