@@ -42,16 +42,17 @@ FlexAttention, the experts on grouped GEMMs. Per token of one layer (b = 2, f = 
 d_expert, k top_k, C MoE chunk, Ex experts, Hq / Hkv / Kh query heads, kv heads, head dim,
 V vocab):
 
-  norm     each path's RMSNorm (ssm, attention, ffn, moe)   2 f D + f (x in fp32, normed, 1/rms)
+  norm     each path's RMSNorm (ssm, attention, ffn, moe)   b D + f (x as it comes, 1/rms;
+           one op that recomputes the rest in backward)
   out      each path's output, kept by its gate's multiply   b D
-  ssm      norm + out + b D (in_proj input) + f X (padded conv input) + K f (per-tap document
-           masks) + f X (silu input) + f X (silu output: the scan's x, B, C) + 2 f H (softplus
-           input, dt) + [mamba_ssm] f E (y) + f H (dA_cumsum) + 2 f G N (B, C made contiguous)
-           + 5 f E + f G (gated RMSNorm in fp32: z, silu z, y, y silu z, normed; 1/rms)
-           + b E (out_proj input)
+  ssm      norm + out + b D (in_proj input) + b (E + X + H) (the in_proj output: the conv saves
+           its xbc view, the gated norm its z view) + 8 (document ids of the conv's tap masks)
+           + f X (silu output: the scan's x, B, C) + 2 f H (softplus input, dt) + [mamba_ssm]
+           f E (y) + f H (dA_cumsum) + 2 f G N (B, C made contiguous) + f E + f G (gated
+           RMSNorm: y in fp32, 1/rms) + b E (out_proj input)
   attention  norm + out + b D (q/k/v input) + f Kh (rope cos, sin) + [flex] 2 b Hq Kh (q, out)
            + 2 b Hkv Kh (k, v) + f Hq (lse) + b Hq Kh (wo input: a copy of the transposed out)
-  ffn      norm + out + b D + 4 b F (w1 out, silu out, w3 out, w2 input)
+  ffn      norm + out + b D + 3 b F (w1 out, w3 out, w2 input)
   moe      norm + out + 8 (each token's unit start; chunk routing) + b D + 3 f Ex + 12 k + 3 f
            (the router, per token: x in its own dtype, logits, scores, top-k, the balance
            statistics) + k (b D rows in + 4 b Fe + b D rows out + f D (the fp32 weighted rows
@@ -382,20 +383,22 @@ def path_bytes_per_token(m: ModelConfig, act_bytes: int = BF16) -> dict[str, flo
     with document ids (packed rows, and always under CP). Each path includes its RMSNorm and its
     gated output."""
     b, f, d = act_bytes, FP32, m.d_model
-    norm = 2 * f * d + f  # RMSNorm: x upcast to fp32, the normalised x, 1/rms
+    norm = b * d + f  # RMSNorm (one op, recomputes in backward): x as it comes, 1/rms
     out = b * d  # the path's output, saved by its gate's multiply
     s = SSMShape.of(d, m.ssm)
     e, x, h, g, n = s.d_inner, s.conv_dim, s.n_heads, s.n_groups, s.d_state
-    conv = f * x + s.d_conv * f + f * x  # padded input, one document mask per tap, silu input
+    # the in_proj output (the conv saves its xbc view, the gated norm its z view: one storage)
+    # and the int64 document ids the conv masks its taps with
+    conv = b * (e + x + h) + 8
     scan = f * e + f * h + 2 * f * g * n  # mamba_ssm: y, dA_cumsum, B and C made contiguous
-    gated_norm = 5 * f * e + f * g  # z, silu(z), y, y * silu(z), normed (fp32), 1/rms
+    gated_norm = f * e + f * g  # y (fp32) and 1/rms; z is the in_proj view counted above
     ssm = norm + b * d + conv + f * x + 2 * f * h + scan + gated_norm + b * e + out
     a = m.attention
     kh, hq = d // a.n_heads, a.n_heads
     hkv = a.n_kv_heads or hq
     flex = b * hq * kh + 2 * b * hkv * kh + b * hq * kh + f * hq  # q, k, v, out, lse
     attention = norm + b * d + f * kh + flex + b * hq * kh + out
-    ffn = norm + b * d + 4 * b * m.d_ff + out
+    ffn = norm + b * d + 3 * b * m.d_ff + out
     mo = m.moe
     # per token (every token is routed on its unit start's logits: shapes static in T)
     router = b * d + 3 * f * mo.n_experts + 12 * mo.top_k + 3 * f
@@ -609,7 +612,11 @@ def compare_slopes(m: ModelConfig, measured: dict[str, float], lengths: tuple[in
     rows = {}
     for key, value in measured.items():
         names = key.removeprefix("block:").split("+")
-        predicted = None if key in MEASURED_ONLY else sum(formula[n] for n in names)
+        # a block's paths (the memories run apart) read one input, which each path's norm
+        # saves: one storage, not one per path
+        paths = [n for n in names if n not in MEASURED_ONLY]
+        shared_input = max(len(paths) - 1, 0) * BF16 * m.d_model
+        predicted = None if key in MEASURED_ONLY else sum(formula[n] for n in names) - shared_input
         rows[key] = {
             "measured": value,
             "formula": predicted,

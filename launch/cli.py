@@ -25,6 +25,7 @@ from launch.export_cmd import add_export_arguments, run_export  # noqa: E402
 from launch.generate_cmd import add_generate_arguments, run_generate  # noqa: E402
 from launch.logging_setup import ALL_RANKS_ENV, configure_logging  # noqa: E402
 from launch.package_check import check_own_packages  # noqa: E402
+from pretrain.allocator import apply_malloc_policy  # noqa: E402
 from pretrain.config_errors import ConfigError  # noqa: E402
 
 # --help text: plain, no reST (the module docstring is for readers of the code)
@@ -141,7 +142,9 @@ def run_params(args: argparse.Namespace) -> int:
     print(_per_rank_line(cfg, total, tables))
     print(
         f"FLOPs per token at {cfg.train.seq_len} tokens: forward {flops.forward_per_token / 1e6:,.2f}M,"
-        f" training {flops.train_per_token / 1e6:,.2f}M (3x forward)"
+        f" training {flops.train_per_token / 1e6:,.2f}M executed"
+        f" ({flops.train_per_token / flops.forward_per_token:.2f}x forward: real backward and"
+        " recomputation)"
     )
     for length, cache in caches.items():
         print(_cache_line(length, cache["total"]))
@@ -270,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     it never returns: the process ends through ``parallel.dist.run_and_exit``, which flushes and
     leaves with ``os._exit`` after a process group (a plain exit can abort at interpreter
     finalization). Called with ``argv``, it returns the exit code.
+
+    A command line (``argv`` None) first applies the malloc policy (``pretrain.allocator``,
+    before any large allocation); a call with ``argv`` (a test, a script) leaves the calling
+    process's allocator as it is.
     """
+    if argv is None:
+        apply_malloc_policy()
     if argv is None and int(os.environ.get("WORLD_SIZE") or 1) > 1:
         from parallel.dist import run_and_exit
 

@@ -70,6 +70,9 @@ if __name__ == "__main__":
     from pretrain.stop_signal import process_stop_signal
 
     process_stop_signal().install()  # first, before torch is imported (parallel.dist)
+    from pretrain.allocator import apply_malloc_policy
+
+    apply_malloc_policy()  # before any large allocation (docs/performance.md)
     from parallel.dist import run_and_exit
 
     run_and_exit(main)

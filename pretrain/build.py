@@ -24,6 +24,7 @@ from parallel.dist import (
 )
 from parallel.mesh import ParallelMesh
 from parallel.progress import ProgressBoard, is_peer_failure
+from pretrain.allocator import log_malloc_policy
 from pretrain.backend import (
     CheckpointStore,
     NoCheckpoints,
@@ -72,6 +73,7 @@ def build_mesh(cfg: RunConfig, info: DistInfo) -> ParallelMesh:
     mesh = ParallelMesh(dims, info.device.type)
     if info.distributed:
         logger.info("device mesh: %s", dims.describe())
+    log_malloc_policy()  # applied by the entry point, before logging was set up
     return mesh
 
 

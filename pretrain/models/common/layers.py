@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models.common.fused_norm import rms_norm
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back (stable under bf16 autocast)."""
+    """Root-mean-square norm, computed in fp32 (fp64 for fp64 inputs) and cast back (stable
+    under bf16 autocast)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -23,9 +26,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        """x [..., D] -> [..., D] in x's dtype (one op that saves only x and 1/rms: ``rms_norm``)."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -45,11 +47,35 @@ class SwiGLU(nn.Module):
         self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, *, context: object = None
     ) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; per token, so ``seq_idx`` and ``context`` are ignored."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token: ``proj``, two per weight (three matmuls, ``seq_len``-free)."""
+        return {"proj": 2.0 * sum(p.numel() for p in self.parameters())}
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: two per weight (three matmuls, ``seq_len``-free)."""
-        return 2 * sum(p.numel() for p in self.parameters())
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
+
+
+class _SiLUMul(torch.autograd.Function):
+    """``silu(a) * b`` saving only a and b: autograd through the two ops also kept silu(a), one
+    more [B, T, F] tensor per feed-forward layer; backward recomputes it instead."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        a, b = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating ``silu(a) * b`` for same-shaped, same-dtype a and b (the two projections)."""
+    return _SiLUMul.apply(a, b)
 
 
 def rope_angles(

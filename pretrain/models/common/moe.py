@@ -496,10 +496,18 @@ class ChunkMoE(nn.Module):
         logits = torch.zeros(batch, self.cfg.n_experts, device=device, dtype=torch.float32)
         return RoutingCache(logits=logits)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: the router and the top-k of E experts (``seq_len``-free)."""
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token (``seq_len``-free): ``router``, every token's logits (see the
+        module docstring), and ``experts``, the top-k of E SwiGLU experts (dropless)."""
         experts = sum(w.numel() for w in (self.experts.w1, self.experts.w2, self.experts.w3))
-        return 2 * (self.router.weight.numel() + experts * self.cfg.top_k / self.cfg.n_experts)
+        return {
+            "router": 2.0 * self.router.weight.numel(),
+            "experts": 2 * experts * self.cfg.top_k / self.cfg.n_experts,
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
 
     def active_params(self) -> int:
         """Parameters one token's forward touches: the router and top_k / E of the experts."""

@@ -23,8 +23,21 @@ from torch import nn
 from kernels.ssd import document_ids
 from kernels.ssd.op import ssd_scan
 from kernels.ssd.state_passing import incoming_state, initial_state_output, slice_decay
+from pretrain.models.common.causal_conv import causal_conv_silu
+from pretrain.models.common.fused_norm import rms_norm
 from pretrain.models.common.sequence import SequenceContext
 from pretrain.models.config import SSMConfig
+
+# The pieces of the scan's forward (``Mamba2Mixer.scan_flops``) that each backend's backward
+# recomputes from its saved inputs, for the FLOP count. torch (``kernels/ssd/chunked.py``): C.B^T,
+# the chunk states, the entering states' read-out and the state pass, block by block; triton and
+# mamba_ssm: C.B^T, the chunk states and the state pass (``kernels/ssd/triton_bwd.py``, mamba_ssm's
+# ``_mamba_chunk_scan_combined_bwd``).
+SCAN_RECOMPUTED: dict[str, tuple[str, ...]] = {
+    "torch": ("cb", "chunk_state", "state_out", "state_pass"),
+    "triton": ("cb", "chunk_state", "state_pass"),
+    "mamba_ssm": ("cb", "chunk_state", "state_pass"),
+}
 
 
 class SSMState(NamedTuple):
@@ -50,7 +63,7 @@ class SSMCache:
 class GatedRMSNorm(nn.Module):
     """``rmsnorm(y * silu(z))`` over groups of ``group_size`` channels (Mamba-2's norm before out_proj).
 
-    Computed in fp32; the result is fp32 (the caller casts).
+    Computed in fp32 (fp64 for fp64 ``y``), and so is the result (the caller casts).
     """
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
@@ -65,11 +78,12 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y, z: [..., dim] -> [..., dim] fp32."""
-        g = y.float() * F.silu(z.float())
-        grouped = g.unflatten(-1, (-1, self.group_size))
-        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.flatten(-2) * self.weight.float()
+        """y, z: [..., dim] -> [..., dim] fp32 (one op that saves y, z as they come and 1/rms,
+        and recomputes the rest in backward: ``rms_norm``)."""
+        out_dtype = torch.promote_types(y.dtype, torch.float32)
+        return rms_norm(
+            y, self.weight, self.eps, gate=z, group_size=self.group_size, out_dtype=out_dtype
+        )
 
 
 class Mamba2Mixer(nn.Module):
@@ -128,19 +142,58 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
         self.norm.init_weights(init_std)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: projections, the chunked SSD scan and the conv.
+    def scan_flops(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token of the chunked SSD scan (``kernels.ssd.chunked``), by piece,
+        for rows of ``seq_len`` tokens padded to whole chunks of L.
 
-        The scan counts, per token and head, the intra-chunk C.B^T (N per pair) and scores @ x
-        (P per pair) over ~chunk/2 causal pairs, the chunk state B^T x (N*P) and the
-        state -> output C.h (N*P); none of it depends on ``seq_len``.
+        ``cb``: C.B^T, one [L, L] square per chunk and B/C *group* (its heads share it);
+        ``intra``: the masked scores @ x, per head, the full square (the causal mask is
+        elementwise); ``chunk_state``: B^T x, each chunk's own final state; ``state_out``: C.h,
+        the entering state read out at each position; ``state_pass``: h <- decay * h + state,
+        chunk after chunk (a multiply-add per state element and chunk, no matmul).
         """
         cfg = self.cfg
-        heads, head_dim, d_state, chunk = self.n_heads, cfg.head_dim, cfg.d_state, cfg.chunk_size
-        proj = 2 * (self.in_proj.weight.numel() + self.out_proj.weight.numel())
-        scan = heads * (2 * (chunk / 2) * (d_state + head_dim) + 2 * 2 * d_state * head_dim)
-        conv = 2 * self.conv1d.weight.numel()
-        return proj + scan + conv
+        heads, groups, p, n = self.n_heads, cfg.n_groups, cfg.head_dim, cfg.d_state
+        chunk = cfg.chunk_size
+        chunks = math.ceil(seq_len / chunk)
+        padded = chunks * chunk / seq_len  # computed positions per token
+        return {
+            "cb": 2 * groups * chunk * n * padded,
+            "intra": 2 * heads * chunk * p * padded,
+            "chunk_state": 2 * heads * p * n * padded,
+            "state_out": 2 * heads * p * n * padded,
+            "state_pass": 2 * heads * p * n * chunks / seq_len,
+        }
+
+    def flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs per token: ``proj`` (in/out projections), ``conv`` (K taps per channel,
+        elementwise multiply-adds), ``scan`` (the scan's matmuls) and ``state_pass`` (its
+        elementwise recurrence between chunks); see ``scan_flops``."""
+        pieces = self.scan_flops(seq_len)
+        state_pass = pieces.pop("state_pass")
+        return {
+            "proj": 2.0 * (self.in_proj.weight.numel() + self.out_proj.weight.numel()),
+            "conv": 2.0 * self.conv1d.weight.numel(),
+            "scan": sum(pieces.values()),
+            "state_pass": state_pass,
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
+        return sum(self.flops_breakdown(seq_len).values())
+
+    def backward_flops_breakdown(self, seq_len: int) -> dict[str, float]:
+        """Backward FLOPs per token by part: two products per forward matmul (input and weight
+        gradients; for the conv and the state pass, their multiply-adds backwards), plus what
+        is recomputed instead of saved: the conv (``causal_conv_silu``) and the scan pieces of
+        the backend (``SCAN_RECOMPUTED``)."""
+        fwd = self.flops_breakdown(seq_len)
+        out = {part: 2 * flops for part, flops in fwd.items()}
+        out["conv"] += fwd["conv"]
+        pieces = self.scan_flops(seq_len)
+        for name in SCAN_RECOMPUTED.get(self.kernel_backend, ()):
+            out["state_pass" if name == "state_pass" else "scan"] += pieces[name]
+        return out
 
     def cache_bytes(self, context_len: int, bytes_per_elem: int = 2) -> int:
         """Bytes of one sequence's decode state (an ``SSMState``), whatever ``context_len`` is:
@@ -218,7 +271,7 @@ class Mamba2Mixer(nn.Module):
             conv_state = self._conv_halo(xbc, doc, context)
         scan_dtype = self._scan_dtype(x.device.type)  # read before autocast is turned off
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xbc_act = F.silu(self._causal_conv(xbc.float(), doc, conv_state))
+            xbc_act = self._causal_conv(xbc, doc, conv_state)  # fp32, silu applied
             xs, b_in, c_out = xbc_act.split(
                 [self.d_inner, G * cfg.d_state, G * cfg.d_state], dim=-1
             )
@@ -239,7 +292,7 @@ class Mamba2Mixer(nn.Module):
             y = y.float()  # a bf16 scan's output joins the fp32 skip and the norm
             if split:
                 y = y + self._incoming_state_output(ssm_state, dt * A, c_out, context).to(y.dtype)
-            y = y + self.D.float()[:, None] * xs
+            y = torch.addcmul(y, self.D.float()[:, None], xs)  # y + D x: one pass, no temporary
             y = self.norm(y.flatten(-2), z)
         out = self.out_proj(y.to(z.dtype))
         if not return_state:
@@ -301,24 +354,12 @@ class Mamba2Mixer(nn.Module):
     def _causal_conv(
         self, xbc: torch.Tensor, doc: torch.Tensor | None, conv_state: torch.Tensor | None
     ) -> torch.Tensor:
-        """Depthwise causal conv [B, T, X] -> [B, T, X]; taps into an earlier document read zero.
-
-        A loop over the K taps instead of ``F.conv1d`` so each tap can be masked per position.
-        """
-        K, T = self.cfg.d_conv, xbc.shape[1]
-        padded = torch.cat([self._conv_prefix(xbc, conv_state), xbc], dim=1)  # [B, T+K-1, X]
-        weight = self.conv1d.weight.to(xbc.dtype)[:, 0, :]  # [X, K]; tap K-1 is position t
-        out = self.conv1d.bias.to(xbc.dtype).expand_as(xbc)
-        doc_padded = None
-        if doc is not None:
-            # the carried-in prefix continues the row's first document
-            doc_padded = torch.cat([doc[:, :1].expand(-1, K - 1), doc], dim=1)
-        for k in range(K):
-            tap = padded[:, k : k + T] * weight[:, k]
-            if doc_padded is not None:
-                tap = tap * (doc_padded[:, k : k + T] == doc)[..., None].to(tap.dtype)
-            out = out + tap
-        return out
+        """``silu`` of the depthwise causal conv, [B, T, X] -> [B, T, X] fp32; taps into an
+        earlier document read zero (``causal_conv_silu``: taps accumulated in place, the conv
+        recomputed in backward)."""
+        prefix = None if conv_state is None else self._conv_prefix(xbc, conv_state)
+        weight = self.conv1d.weight[:, 0, :]  # [X, K]; tap K-1 is position t
+        return causal_conv_silu(xbc, weight, self.conv1d.bias, prefix, doc)
 
     def _next_conv_state(
         self, xbc: torch.Tensor, doc: torch.Tensor | None, conv_state: torch.Tensor | None
