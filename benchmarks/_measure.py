@@ -4,7 +4,10 @@ Peak memory is the largest number of bytes allocated above what was live before 
 CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's running total as recorded by
 ``torch.profiler`` (profile_memory=True), i.e. every allocation and free the CPU allocator saw,
 including autograd's saved tensors. Time is measured in separate runs, without the profiler:
-CUDA events on the GPU, ``time.perf_counter`` on the CPU, the median of the timed runs.
+CUDA events on the GPU, ``time.perf_counter`` on the CPU, the median of the timed runs. On the CPU
+each timed run also records the process's resource usage (``getrusage``): user and system CPU
+seconds, minor page faults and the growth of peak RSS. ``matmul_gflops`` measures the machine's
+dense matmul rate, the yardstick for a model's achieved GFLOP/s.
 
 Import it as ``benchmarks._measure`` with the repository root on ``sys.path`` (``benchmarks`` is
 a namespace package, not part of the installed distribution).
@@ -12,9 +15,12 @@ a namespace package, not part of the installed distribution).
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -92,10 +98,83 @@ def median_seconds(
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+            times.append(step_usage(step).wall_s)
     return statistics.median(times)
+
+
+def _maxrss_mib(usage: resource.struct_rusage) -> float:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**20
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set so far (its high-water mark), MiB."""
+    return _maxrss_mib(resource.getrusage(resource.RUSAGE_SELF))
+
+
+@dataclass(frozen=True)
+class StepUsage:
+    """What one call cost the process (``getrusage(RUSAGE_SELF)`` deltas, every thread)."""
+
+    wall_s: float
+    user_s: float  # CPU seconds in user mode, summed over threads (intra-op threads included)
+    system_s: float  # CPU seconds in the kernel: page faults, allocation (mmap/munmap), ...
+    minor_faults: int  # page faults served without I/O: mostly first touches of fresh memory
+    peak_rss_growth_mib: float  # rise of the process's peak resident set (0 once it is reached)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "wall_s": self.wall_s,
+            "user_s": self.user_s,
+            "system_s": self.system_s,
+            "minor_faults": self.minor_faults,
+            "peak_rss_growth_mib": self.peak_rss_growth_mib,
+        }
+
+
+def step_usage(step: Callable[[], object]) -> StepUsage:
+    """Wall time and resource usage of one call of ``step`` (CPU work; no device sync)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    step()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return StepUsage(
+        wall_s=wall,
+        user_s=after.ru_utime - before.ru_utime,
+        system_s=after.ru_stime - before.ru_stime,
+        minor_faults=after.ru_minflt - before.ru_minflt,
+        peak_rss_growth_mib=_maxrss_mib(after) - _maxrss_mib(before),
+    )
+
+
+def median_usage(step: Callable[[], object], repeats: int) -> StepUsage:
+    """Field by field median of ``repeats`` calls' ``step_usage`` (CPU only: no device sync).
+
+    Peak RSS growth is the sum instead: the high-water mark rises at most once per new peak, so
+    the total over the calls is what they grew it by.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    runs = [step_usage(step) for _ in range(repeats)]
+    return StepUsage(
+        wall_s=statistics.median(r.wall_s for r in runs),
+        user_s=statistics.median(r.user_s for r in runs),
+        system_s=statistics.median(r.system_s for r in runs),
+        minor_faults=int(statistics.median(r.minor_faults for r in runs)),
+        peak_rss_growth_mib=sum(r.peak_rss_growth_mib for r in runs),
+    )
+
+
+def matmul_gflops(
+    n: int, repeats: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """The machine's dense matmul rate: 2 n^3 FLOPs over the median time of an [n, n] @ [n, n]
+    product (one untimed call first), with the current intra-op thread count on the CPU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, repeats, warmup=1)
+    return 2 * n**3 / seconds / 1e9
 
 
 class LargestTensor(TorchDispatchMode):

@@ -25,13 +25,20 @@ Modes:
 Precision: bf16 autocast on CUDA, fp32 on CPU, as the trainer runs. Kernel backends are the ones
 the trainer would pick (``kernels.*`` of each config, ``auto`` by default), recorded in the JSON.
 Time: the median of ``--repeats`` steps after ``--warmup`` steps (CUDA events on the GPU).
+On the CPU each timed step also records the process's user and system CPU seconds and minor page
+faults (``getrusage`` deltas, medians): system time and faults show a step spent in the kernel
+(fresh memory being mapped and zeroed) rather than in arithmetic.
 Peak memory: bytes allocated above what was live before the step (``benchmarks/_measure.py``).
+
+Machine rate: the median rate of a dense matmul (fp32 4096^3 on the CPU with the run's thread
+count, bf16 8192^3 on CUDA; smaller with ``--quick``) is measured once per run and recorded; each
+cell's achieved GFLOP/s (its FLOPs per token x tokens/s) is recorded next to it as a fraction.
 
 Ratios: tokens/s of each model over the baseline's (``--baseline``, default the Transformer), per
 length and mode, next to the ratio predicted by the analytic FLOP count (``pretrain/flops.py``:
 baseline FLOPs per token / model FLOPs per token), and measured / predicted, so the gap between
-"fewer FLOPs" and "faster" is visible. ``flops.py`` counts training as 3x forward for every
-component, so its predicted ratio is the same for both modes.
+"fewer FLOPs" and "faster" is visible. ``flops.py`` counts each component's real backward
+(``count_flops(...).train_per_token``), so the predicted ratios of the two modes can differ.
 
 A cell (model, length, mode) that fails, out of memory included, is recorded with its error and
 the run goes on. Writes a table (stdout), JSON (``--out``, rewritten after every cell so that a
@@ -58,6 +65,7 @@ import torch
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
+MALLOC_POLICY: str | None = None  # what the script applied at start (None when imported)
 if __name__ == "__main__":
     # Run as a script, sys.path[0] is benchmarks/, whose kernels.py would shadow the project's
     # ``kernels`` package: import from the repository root instead (which is also where
@@ -65,8 +73,17 @@ if __name__ == "__main__":
     _here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(REPO))
+    from pretrain.allocator import apply_malloc_policy
 
-from benchmarks._measure import median_seconds, peak_bytes  # noqa: E402
+    # before any large allocation (docs/performance.md); it moves system time and page faults
+    MALLOC_POLICY = apply_malloc_policy().describe()
+
+from benchmarks._measure import (  # noqa: E402
+    matmul_gflops,
+    median_seconds,
+    median_usage,
+    peak_bytes,
+)
 from data_pipeline.reader import build_reader  # noqa: E402
 from kernels.backends import BACKENDS, select_backends  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
@@ -85,6 +102,9 @@ DEFAULT_CONFIGS = tuple(
 )
 DEFAULTS = {"lengths": [1024, 2048, 4096, 8192, 16384], "tokens_per_step": 16384, "repeats": 3}
 QUICK = {"lengths": [64, 128], "tokens_per_step": 256, "repeats": 1}
+# the machine's matmul rate: (n, timed runs) per device, full and --quick
+MATMUL = {"cpu": (4096, 5), "cuda": (8192, 20)}
+MATMUL_QUICK = {"cpu": (256, 2), "cuda": (1024, 5)}
 # --quick: every family at a few hundred thousand parameters, every Hydra component still present
 # (2 blocks: SSM everywhere, attention and MoE in block 1, workspace after 0, PKM after 1).
 QUICK_OVERRIDES = (
@@ -145,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run-config overrides for every config, e.g. model.n_layers=2 kernels.moe=torch",
     )
     p.add_argument("--baseline", default=None, help="config name in the denominator of ratios")
+    p.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="which steps to time"
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and lengths (smoke test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default throughput_<device>.json)")
@@ -282,7 +305,12 @@ def measure_cell(
         for _ in range(args.warmup):
             step()
         peak = peak_bytes(step, device)
-        seconds = median_seconds(step, device, args.repeats, warmup=0)
+        usage = None
+        if device.type == "cpu":
+            usage = median_usage(step, args.repeats)
+            seconds = usage.wall_s
+        else:
+            seconds = median_seconds(step, device, args.repeats, warmup=0)
     except Exception as err:  # noqa: BLE001 - OOM or a kernel failure: record it, measure the rest
         row.update(status="error", error=f"{type(err).__name__}: {err}"[:ERROR_CHARS])
         return row
@@ -296,8 +324,35 @@ def measure_cell(
         ms_per_step=seconds * 1e3,
         peak_mib=peak / 2**20,
         tflops=per_token * tokens_per_s / 1e12,
+        gflops=per_token * tokens_per_s / 1e9,
     )
+    if usage is not None:  # CPU: where the step's time went besides arithmetic
+        row.update(
+            user_s_per_step=usage.user_s,
+            system_s_per_step=usage.system_s,
+            minor_faults_per_step=usage.minor_faults,
+        )
     return row
+
+
+def measure_matmul(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The machine's dense matmul rate at the run's precision and thread count."""
+    n, repeats = (MATMUL_QUICK if quick else MATMUL)[device.type]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {
+        "gflops": matmul_gflops(n, repeats, device, dtype),
+        "shape": [n, n, n],
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+    }
+
+
+def add_matmul_fractions(records: list[dict[str, Any]], matmul: dict[str, Any]) -> None:
+    """Each measured cell's achieved GFLOP/s as a fraction of the machine's matmul rate."""
+    for row in records:
+        if _ok(row):
+            row["of_matmul"] = row["gflops"] / matmul["gflops"]
 
 
 def run_grid(
@@ -311,7 +366,7 @@ def run_grid(
     ``on_record(records so far)`` is called after each cell (main writes the JSON there, so a
     run killed part-way still leaves its figures).
     """
-    cells = [(length, s, mode) for length in args.lengths for s in subjects for mode in MODES]
+    cells = [(length, s, mode) for length in args.lengths for s in subjects for mode in args.modes]
     records: list[dict[str, Any]] = []
     with tqdm(total=len(cells), desc="throughput", file=sys.stderr, disable=None) as progress:
         for length, subject, mode in cells:
@@ -378,13 +433,18 @@ def _fmt(value: float | None, spec: str) -> str:
 def _record_cells(r: dict[str, Any]) -> list[str]:
     head = [r["config"], str(r["length"]), str(r["batch"]), r["mode"]]
     if r["status"] != "ok":
-        return head + ["error", "", "", _fmt(r["flops_per_token"] / 1e6, ".1f"), "", r["error"]]
+        mflop = _fmt(r["flops_per_token"] / 1e6, ".1f")
+        return head + ["error", "", "", mflop, "", "", "", "", r["error"]]
+    of_matmul = r.get("of_matmul")
     return head + [
         _fmt(r["tokens_per_s"], ",.0f"),
         _fmt(r["ms_per_step"], ".1f"),
         _fmt(r["peak_mib"], ",.0f"),
         _fmt(r["flops_per_token"] / 1e6, ".1f"),
         _fmt(r["tflops"], ".3g"),
+        _fmt(None if of_matmul is None else 100 * of_matmul, ".1f"),
+        _fmt(r.get("system_s_per_step"), ".2f"),
+        _fmt(r.get("minor_faults_per_step"), ",.0f"),
         "",
     ]
 
@@ -402,22 +462,35 @@ def _ratio_cells(r: dict[str, Any]) -> list[str]:
 
 
 RECORD_COLUMNS = ("config", "L", "batch", "mode", "tokens/s", "ms/step", "peak MiB", "MFLOP/tok")
-RECORD_COLUMNS += ("TFLOP/s", "error")
+RECORD_COLUMNS += ("TFLOP/s", "% matmul", "sys s", "minflt", "error")
 RATIO_COLUMNS = ("tokens/s ratio", "L", "mode", "measured", "predicted", "meas/pred", "mem ratio")
 
 
 def print_tables(report: dict[str, Any]) -> None:
     """The records and the ratios, as rich tables (plain text without rich)."""
-    m = report["machine"]
-    title = f"{m['device_name']} ({m['device']}, {report['settings']['precision']})"
-    tables = [
-        (title, RECORD_COLUMNS, [_record_cells(r) for r in report["results"]]),
-        (
-            "ratios (predicted: FLOP count)",
-            RATIO_COLUMNS,
-            [_ratio_cells(r) for r in report["ratios"]],
-        ),
-    ]
+    m, mm = report["machine"], report["matmul"]
+    title = (
+        f"{m['device_name']} ({m['device']}, {report['settings']['precision']}, {m['threads']}"
+        f" threads; matmul {mm['gflops']:,.0f} GFLOP/s {mm['dtype']})"
+    )
+    print_rich_tables(
+        [
+            (title, RECORD_COLUMNS, [_record_cells(r) for r in report["results"]]),
+            (
+                "ratios (predicted: FLOP count)",
+                RATIO_COLUMNS,
+                [_ratio_cells(r) for r in report["ratios"]],
+            ),
+        ]
+    )
+
+
+TableSpec = tuple[str, tuple[str, ...], list[list[str]]]  # title, columns, rows of cells
+
+
+def print_rich_tables(tables: list[TableSpec], left: tuple[str, ...] = ("mode", "error")) -> None:
+    """Print (title, columns, rows) tables with rich (plain text without it); the first column
+    and those named in ``left`` are left-aligned, the rest right-aligned."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -431,8 +504,8 @@ def print_tables(report: dict[str, Any]) -> None:
     for name, columns, rows in tables:
         table = Table(title=name)
         for i, col in enumerate(columns):
-            left = i == 0 or col in ("mode", "error")
-            table.add_column(col, justify="left" if left else "right", overflow="fold")
+            justify = "left" if i == 0 or col in left else "right"
+            table.add_column(col, justify=justify, overflow="fold")
         for cells in rows:
             table.add_row(*cells)
         console.print(table)
@@ -447,8 +520,9 @@ def plot_throughput(report: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)  # Agg, without pyplot's global state
     names = list(report["models"])
-    for i, mode in enumerate(MODES):
-        ax = fig.add_subplot(1, len(MODES), i + 1)
+    modes = [m for m in MODES if any(r["mode"] == m for r in report["results"])]
+    for i, mode in enumerate(modes):
+        ax = fig.add_subplot(1, len(modes), i + 1)
         for name in names:
             points = sorted(
                 (r["length"], r["tokens_per_s"])
@@ -533,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "complete": False,
         "machine": machine_info(device),
+        "matmul": measure_matmul(device, args.quick),
         "settings": _settings(args, subjects, overrides, baseline, device),
         "models": {s.name: _model_info(s) for s in subjects},
         "results": [],
@@ -542,6 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
 
     def write(records: list[dict[str, Any]], complete: bool = False) -> None:
+        add_matmul_fractions(records, report["matmul"])
         report.update(complete=complete, results=records, ratios=compute_ratios(records, baseline))
         args.out.write_text(json.dumps(report, indent=2))
 
@@ -570,6 +646,7 @@ def _settings(
         "quick": args.quick,
         "seed": args.seed,
         "baseline": baseline,
+        "malloc_policy": MALLOC_POLICY,
         "inputs": (
             "packed-document batches of each config's data section from the trainer's reader"
             " (reader_config + build_reader, seed train.seed, seq_len = length); the model gets"

@@ -26,6 +26,10 @@ def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
     assert {"machine", "settings", "models", "results", "ratios"} <= data.keys()
     assert data["complete"] is True
     assert {"platform", "torch", "device", "device_name", "threads"} <= data["machine"].keys()
+    matmul = data["matmul"]
+    assert matmul["gflops"] > 0 and matmul["dtype"] == "float32"
+    assert matmul["shape"] == [bench.MATMUL_QUICK["cpu"][0]] * 3
+    assert matmul["threads"] == data["machine"]["threads"]
     names = ["hydra-29m", "transformer-29m", "mamba2-29m", "attamba-29m", "dreamer-29m"]
     assert list(data["models"]) == names
     assert data["settings"]["baseline"] == "transformer-29m"
@@ -44,6 +48,11 @@ def test_quick_run_writes_every_record_ratio_and_plot(tmp_path: Path) -> None:
         for key in ("tokens_per_s", "ms_per_step", "flops_per_token"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["peak_mib"] > 0, row
+        assert row["gflops"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e9)
+        assert row["of_matmul"] == pytest.approx(row["gflops"] / matmul["gflops"])
+        # CPU: the process's resource usage per step (getrusage deltas)
+        assert row["user_s_per_step"] >= 0 and row["system_s_per_step"] >= 0, row
+        assert isinstance(row["minor_faults_per_step"], int) and row["minor_faults_per_step"] >= 0
     ratios = {(r["config"], r["length"], r["mode"]): r for r in data["ratios"]}
     assert set(ratios) == {c for c in expected if c[0] != "transformer-29m"}
     for r in ratios.values():
@@ -107,6 +116,7 @@ def test_failing_cell_is_recorded_and_the_run_goes_on(
     failed = rows[("hydra-29m", "fwd+bwd")]
     assert failed["status"] == "error" and "simulated out of memory" in failed["error"]
     assert failed["flops_per_token"] > 0
+    assert "gflops" not in failed and "system_s_per_step" not in failed
     assert all(r["status"] == "ok" for key, r in rows.items() if key != ("hydra-29m", "fwd+bwd"))
     ratios = {r["mode"]: r for r in report["ratios"]}
     assert ratios["fwd+bwd"]["measured"] is None and ratios["fwd+bwd"]["predicted"] > 0
