@@ -1,6 +1,8 @@
 """Ablations of the Hydra components: train small models with one component removed, score them.
 
 Run:  python benchmarks/ablations.py --out ablations.json                 # CPU defaults
+      python benchmarks/ablations.py --tasks chaining --seeds 5 --steps 300 --lr 1e-2 \
+          --labels answers --jobs 2       # docs/results/ablations.md: 2 runs at a time
       python benchmarks/ablations.py --tasks fact_lookup --seeds 5 --all-variants
       python benchmarks/ablations.py --scale 4 --device cuda --out ablations_gpu.json
 
@@ -10,7 +12,7 @@ Each task probes the component that should matter most for it:
   distant_premise   attention   facts, filler, a question     answer accuracy
   domain_mixture    moe         4 domains, own token maps     answer accuracy and I(domain; expert)
   fact_lookup       pkm         a fixed table of facts        answer accuracy
-  chaining          workspace   proof lengths 2, 3, 5 mixed   answer accuracy at 2, 3, 5 separately
+  chaining          workspace   proof lengths 1, 1, 2 mixed   answer accuracy at 1, 2, 3, 5 separately
 
 Variants: ``full`` (every component), ``no_attention``, ``no_moe`` (a dense FFN instead),
 ``no_workspace``, ``no_pkm`` (each a config override ``model.<component>.enabled=false``, so the
@@ -24,15 +26,22 @@ Every run goes through the real trainer (``pretrain.build.build_trainer``): one 
 with all of the variant's components on, tracking and checkpoints off, the same steps, batch and
 sequence length (so the same tokens) for every variant. Seeds set the model init and the data
 order; scoring uses ``pretrain.eval.evaluate_tasks`` on held-out rows (a seed training never
-reads). Results are the mean and sample standard deviation over ``--seeds`` seeds.
+reads). Results are the mean over ``--seeds`` seeds with a 95% t-interval (mean ± t_{0.975,n-1}
+* s / sqrt(n), s the sample standard deviation; the std is kept in the JSON too).
+
+``--jobs 2`` runs two runs at a time, each in a fresh interpreter (the script with ``--run-job``)
+with this process's torch thread count; every run is seeded on its own, so the results are those
+of ``--jobs 1`` (in-process, one after the other). ``--variants`` trains only some of the planned
+variants and ``--task-args TASK=JSON`` overrides a task's settings (e.g. for a GPU run at scale).
 
 ``--scale s`` multiplies d_model, d_ff, the expert width, the attention heads (head size stays 16),
 the number of layers (memories keep their relative depth) and the steps by s: 1 is the CPU size
 (~0.4M parameters); 4 (~22M parameters) is meant for a GPU.
 
-Output: a table (task metric x variant, mean ± std), ``--out`` JSON (settings, parameter counts,
-every run with its first/last training loss and scores, the summary) and a PNG bar chart with
-error bars (``--plot``, default: ``--out`` with ``.png``).
+Output: a table (task metric x variant, mean ± 95% CI half-width), ``--out`` JSON (settings,
+parameter counts, every run with its first/last training loss and scores, the summary with mean,
+std, ci95, n and the values) and a PNG bar chart with 95% CI error bars (``--plot``, default:
+``--out`` with ``.png``).
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +99,12 @@ TASKS: dict[str, AblationTask] = {
         AblationTask(
             "distant_premise",
             "attention",
-            # 48 filler tokens: past the local window (32), reachable by the summaries or the SSM
+            # Sized to what a CPU budget learns (docs/results/ablations.md): 2 facts of 16 symbols,
+            # 8 filler tokens. 48 filler tokens (past the 32-token window) of 32 symbols stayed
+            # at chance for every model; the GPU run can raise them with --task-args.
             {
                 "task": "distant_premise",
-                "task_args": {"n_facts": 2, "distance": 48, "n_symbols": 32},
+                "task_args": {"n_facts": 2, "distance": 8, "n_symbols": 16},
             },
             ("distant_premise",),
         ),
@@ -112,8 +125,13 @@ TASKS: dict[str, AblationTask] = {
         AblationTask(
             "chaining",
             "workspace",
-            {"task": "chaining", "task_args": {"hops": [2, 3, 5], "n_symbols": 32}},
-            ("chaining_h2", "chaining_h3", "chaining_h5"),
+            # 1-hop proofs twice as often as 2-hop ones (a listed length repeats to weight it),
+            # 1 distractor chain, 16 symbols: training on 2, 3, 5 of 32 symbols stayed at chance
+            {
+                "task": "chaining",
+                "task_args": {"hops": [1, 1, 2], "n_distractors": 1, "n_symbols": 16},
+            },
+            ("chaining_h1", "chaining_h2", "chaining_h3", "chaining_h5"),
         ),
     )
 }
@@ -241,14 +259,25 @@ def variant_overrides(variant: str, baselines: dict[str, list[str]]) -> list[str
     return [f"model.{variant.removeprefix('no_')}.enabled=false"]
 
 
-def plan_runs(tasks: list[str], all_variants: bool) -> list[tuple[str, str]]:
-    """(task, variant) pairs: every variant, or full / no_<component> / baselines per task."""
+def plan_runs(
+    tasks: list[str], all_variants: bool, only: list[str] | None = None
+) -> list[tuple[str, str]]:
+    """(task, variant) pairs: every variant, or full / no_<component> / baselines per task;
+    ``only`` keeps just those variants (in ``VARIANTS`` order)."""
     pairs = []
     for name in tasks:
         relevant = ("full", f"no_{TASKS[name].component}", *BASELINES)
         chosen = VARIANTS if all_variants else relevant
-        pairs += [(name, v) for v in chosen]
+        pairs += [(name, v) for v in chosen if only is None or v in only]
     return pairs
+
+
+def with_task_args(task: AblationTask, extra: dict[str, Any]) -> AblationTask:
+    """``task`` with ``extra`` merged over its data source's ``task_args`` (``--task-args``)."""
+    if not extra:
+        return task
+    source = {**task.source, "task_args": {**task.source["task_args"], **extra}}
+    return AblationTask(task.name, task.component, source, task.eval_tasks, task.metrics)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -290,8 +319,33 @@ def train_and_score(cfg: RunConfig, task: AblationTask, eval_batches: int) -> di
 # ----------------------------------------------------------------------------- results
 
 
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975} with ``df`` degrees of freedom: the table up to 30, then the Cornish-Fisher
+    expansion around the normal quantile (error < 1e-4 there), so no scipy is needed."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def ci95_halfwidth(values: list[float]) -> float | None:
+    """Half-width of the 95% t-interval of the mean of ``values`` (None below two values)."""
+    if len(values) < 2:
+        return None
+    return t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """ "<eval task> <metric>" -> variant -> {mean, std (sample; 0 for one seed), n, values}."""
+    """ "<eval task> <metric>" -> variant -> {mean, std (sample; 0 for one seed), ci95 (half-width
+    of the 95% t-interval over seeds; None for one seed), n, values}."""
     values: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         for name, metrics in run["scores"].items():
@@ -305,6 +359,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             variant: {
                 "mean": statistics.fmean(vals) if vals else None,
                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "ci95": ci95_halfwidth(vals),
                 "n": len(vals),
                 "values": vals,
             }
@@ -315,7 +370,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def format_table(summary: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> str:
-    """Task metric x variant, ``mean ± std``; ``-`` not trained, ``n/a`` not measurable."""
+    """Task metric x variant, ``mean ± 95% CI half-width`` (``mean`` alone for one seed);
+    ``-`` not trained, ``n/a`` not measurable."""
     width = max(len(label) for label in summary) + 2
     lines = [f"{'task metric':<{width}}" + "".join(f"{v:>18}" for v in variants)]
     for label, per_variant in summary.items():
@@ -326,8 +382,10 @@ def format_table(summary: dict[str, dict[str, dict[str, Any]]], variants: list[s
                 cells.append("-")
             elif cell["mean"] is None:
                 cells.append("n/a")
+            elif cell["ci95"] is None:
+                cells.append(f"{cell['mean']:.3f}")
             else:
-                cells.append(f"{cell['mean']:.3f} ± {cell['std']:.3f}")
+                cells.append(f"{cell['mean']:.3f} ± {cell['ci95']:.3f}")
         lines.append(f"{label:<{width}}" + "".join(f"{c:>18}" for c in cells))
     return "\n".join(lines)
 
@@ -335,7 +393,7 @@ def format_table(summary: dict[str, dict[str, dict[str, Any]]], variants: list[s
 def plot_summary(
     summary: dict[str, dict[str, dict[str, Any]]], variants: list[str], path: Path, title: str
 ) -> None:
-    """One bar chart per task metric: a bar per variant, error bars of one std."""
+    """One bar chart per task metric: a bar per variant, error bars the 95% t-interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,8 +407,8 @@ def plot_summary(
     for ax, (label, per_variant) in zip(axes.flat, summary.items()):
         shown = [v for v in variants if v in per_variant and per_variant[v]["mean"] is not None]
         means = [per_variant[v]["mean"] for v in shown]
-        stds = [per_variant[v]["std"] for v in shown]
-        ax.bar(range(len(shown)), means, yerr=stds, capsize=4, color=[colors[v] for v in shown])
+        cis = [per_variant[v]["ci95"] or 0.0 for v in shown]
+        ax.bar(range(len(shown)), means, yerr=cis, capsize=4, color=[colors[v] for v in shown])
         ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -375,6 +433,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=1, help="model size and steps multiplier")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval task")
     p.add_argument("--all-variants", action="store_true", help="every variant on every task")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="train only these variants (of those planned per task)",
+    )
+    p.add_argument(
+        "--task-args",
+        action="append",
+        default=[],
+        metavar="TASK=JSON",
+        help="override task settings, e.g. chaining='{\"hops\": [1, 2]}' (repeatable)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (1: in this process)",
+    )
     p.add_argument(
         "--labels",
         choices=("all", "answers"),
@@ -428,36 +506,137 @@ def _variant_info(s: Settings, variants: list[str]) -> dict[str, dict[str, Any]]
     return info
 
 
+def parse_task_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["chaining={...}", ...]`` -> {task: settings}; unknown tasks and bad JSON are errors."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in TASKS:
+            raise SystemExit(
+                f"--task-args: expected TASK=JSON with TASK in {list(TASKS)}: {item!r}"
+            )
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--task-args {name}: not JSON: {err}") from None
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--task-args {name}: expected a JSON object, got {text!r}")
+        out[name] = {**out.get(name, {}), **extra}
+    return out
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One (task, variant, seed) run from a JSON-able job (see ``main``): train, then score."""
+    task = AblationTask(**{**job["task"], "eval_tasks": tuple(job["task"]["eval_tasks"]),
+                           "metrics": tuple(job["task"]["metrics"])})  # fmt: skip
+    cfg = load_config(job["config"], job["overrides"])
+    return train_and_score(cfg, task, job["eval_batches"])
+
+
+def _run_in_subprocess(job: dict[str, Any]) -> dict[str, Any]:
+    # A fresh interpreter per run (the script's own ``--run-job``): nothing is shared between
+    # runs, so results are those of ``--jobs 1``; torch gets the parent's thread count.
+    payload = json.dumps({**job, "threads": torch.get_num_threads()})
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--run-job"],
+        input=payload, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"run {job['name']} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _job_main() -> None:
+    """``--run-job``: read one job as JSON on stdin, print its result as one JSON line."""
+    job = json.loads(sys.stdin.read())
+    torch.set_num_threads(job["threads"])
+    print(json.dumps(run_job(job)))
+
+
+def run_all(
+    jobs: list[dict[str, Any]], n_workers: int, progress: Path | None = None
+) -> list[dict[str, Any]]:
+    """Results of ``jobs`` in their order: in this process, or ``n_workers`` at a time.
+
+    ``progress``: append each finished run as a JSON line, so a sweep cut short keeps its runs.
+    """
+    bar = tqdm(total=len(jobs), desc="ablation runs", unit="run")
+
+    def done(job: dict[str, Any], result: dict[str, Any]) -> None:
+        bar.update()
+        bar.set_postfix_str(f"{job['name']}: loss {result['loss_last']:.2f}")
+        if progress is not None:
+            with progress.open("a") as f:
+                f.write(json.dumps({"name": job["name"], **result}) + "\n")
+
+    if n_workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            done(job, results[-1])
+        return results
+    with ThreadPoolExecutor(n_workers) as pool:  # threads only wait on the subprocesses
+        futures = {pool.submit(_run_in_subprocess, job): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                done(futures[future], future.result())  # the first failure raises here
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # runs not started yet are dropped
+            raise
+    return [future.result() for future in futures]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the suite; returns (and writes) the report."""
     args = parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
     s = _settings(args)
-    pairs = plan_runs(args.tasks, args.all_variants)
+    extra = parse_task_args(args.task_args)
+    tasks = {name: with_task_args(TASKS[name], extra.get(name, {})) for name in args.tasks}
+    pairs = plan_runs(args.tasks, args.all_variants, args.variants)
+    if not pairs:
+        raise SystemExit("no (task, variant) run left: check --variants")
     variants = [v for v in VARIANTS if any(v == pv for _, pv in pairs)]
     info = _variant_info(s, variants)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ablations-"))
-    jobs = [(t, v, seed) for t, v in pairs for seed in range(args.seeds)]
-    runs = []
+    # seed-major: a sweep cut short (see ``run_all``'s progress file) has every variant's first seeds
+    keys = [(t, v, seed) for seed in range(args.seeds) for t, v in pairs]
+    jobs = [
+        {
+            "name": f"{t}-{v}-seed{seed}",
+            "task": tasks[t].__dict__,
+            "config": s.base_config,
+            "overrides": [
+                *run_overrides(s, tasks[t], seed, work / f"{t}-{v}-seed{seed}"),
+                *info[v]["overrides"],
+            ],
+            "eval_batches": s.eval_batches,
+        }
+        for t, v, seed in keys
+    ]
     t0 = time.perf_counter()
     try:
-        bar = tqdm(jobs, desc="ablation runs", unit="run")
-        for task_name, variant, seed in bar:
-            task = TASKS[task_name]
-            run_dir = work / f"{task_name}-{variant}-seed{seed}"
-            overrides = run_overrides(s, task, seed, run_dir) + info[variant]["overrides"]
-            result = train_and_score(load_config(s.base_config, overrides), task, s.eval_batches)
-            runs.append({"task": task_name, "variant": variant, "seed": seed, **result})
-            bar.set_postfix_str(f"{task_name}/{variant}: loss {result['loss_last']:.2f}")
+        progress = Path(args.out).with_suffix(".runs.jsonl")
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.unlink(missing_ok=True)
+        results = run_all(jobs, args.jobs, progress)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+    progress.unlink(missing_ok=True)  # every run is in the report now
+    runs = [
+        {"task": t, "variant": v, "seed": seed, **result}
+        for (t, v, seed), result in zip(keys, results, strict=True)
+    ]
     summary = summarize(runs)
     report = {
         "settings": s.__dict__,
         "seeds": args.seeds,
+        "jobs": args.jobs,
         "torch": torch.__version__,
         "variants": info,
-        "tasks": {name: TASKS[name].__dict__ for name in args.tasks},
+        "tasks": {name: tasks[name].__dict__ for name in args.tasks},
         "runs": runs,
         "summary": summary,
         "wall_s": time.perf_counter() - t0,
@@ -467,11 +646,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    title = f"{s.steps} steps x {s.batch_size} x {s.seq_len} tokens, {args.seeds} seed(s), scale {s.scale}"
+    title = (
+        f"{s.steps} steps x {s.batch_size} x {s.seq_len} tokens, {args.seeds} seed(s), scale"
+        f" {s.scale}; bars: mean, 95% t-interval over seeds"
+    )
     plot_summary(summary, variants, plot, title)
     print(f"wrote {out} and {plot} ({report['wall_s']:.0f} s)")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--run-job"]:
+        _job_main()
+    else:
+        main()

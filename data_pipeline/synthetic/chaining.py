@@ -24,7 +24,8 @@ from data_pipeline.tokens import ARROW_ID, EOS_ID, QUERY_ID, SEP_ID
 class ChainingTask(SyntheticTask):
     """Multi-step logical chaining at the proof lengths in ``hops`` (drawn uniformly)."""
 
-    hops: list[int] = field(default_factory=lambda: [2, 3])  # proof lengths L to draw from
+    # proof lengths L, drawn uniformly over the list: repeat one to weight it ([1, 1, 2])
+    hops: list[int] = field(default_factory=lambda: [2, 3])
     n_distractors: int = 2  # distractor chains per problem, each with L edges
     name: str = field(default="chaining", init=False)
 

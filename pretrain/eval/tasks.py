@@ -49,6 +49,7 @@ class TaskSpec:
 EVAL_TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
+        TaskSpec("chaining_h1", "chaining", fixed_args={"hops": [1]}),
         TaskSpec("chaining_h2", "chaining", fixed_args={"hops": [2]}),
         TaskSpec("chaining_h3", "chaining", fixed_args={"hops": [3]}),
         TaskSpec("chaining_h5", "chaining", fixed_args={"hops": [5]}),

@@ -40,6 +40,7 @@ def test_two_tasks_one_seed_write_json_table_and_plot(
     assert set(summary) == {
         "domain_mixture accuracy",
         "domain_mixture expert_mi_bits",
+        "chaining_h1 accuracy",
         "chaining_h2 accuracy",
         "chaining_h3 accuracy",
         "chaining_h5 accuracy",
@@ -52,7 +53,8 @@ def test_two_tasks_one_seed_write_json_table_and_plot(
         assert abs(report["variants"][baseline]["params"] - hydra) / hydra < 0.1
     assert "model.family=attamba" in report["variants"]["attamba"]["how"]
     table = capsys.readouterr().out
-    assert "chaining_h5 accuracy" in table and "n/a" in table and "±" in table
+    assert "chaining_h5 accuracy" in table and "n/a" in table
+    assert "±" not in table  # one seed: no interval
 
 
 def test_plan_trains_the_relevant_variants_unless_asked_for_all() -> None:
@@ -71,3 +73,68 @@ def test_scale_keeps_memories_at_their_relative_depth() -> None:
     assert overrides["model.workspace.after_blocks"] == "[3]"
     assert overrides["model.pkm.after_blocks"] == "[5]"
     assert bench.scale_overrides(1) == []
+
+
+def test_t_interval_matches_tables_and_needs_two_values() -> None:
+    assert bench.t_quantile_975(1) == 12.706 and bench.t_quantile_975(4) == 2.776
+    # past the table the expansion continues it smoothly down towards the normal 1.960
+    assert 2.030 < bench.t_quantile_975(31) < bench.t_quantile_975(30)
+    assert 1.960 < bench.t_quantile_975(1000) < 1.963
+    with pytest.raises(ValueError):
+        bench.t_quantile_975(0)
+    assert bench.ci95_halfwidth([1.0, 2.0, 3.0]) == pytest.approx(4.303 / math.sqrt(3))
+    assert bench.ci95_halfwidth([0.5]) is None
+    runs = [{"variant": "full", "scores": {"t": {"accuracy": a}}} for a in (0.2, 0.4)]
+    runs.append({"variant": "transformer", "scores": {"t": {"accuracy": 0.3}}})
+    summary = bench.summarize(runs)
+    assert summary["t accuracy"]["full"]["ci95"] == pytest.approx(12.706 * 0.1)
+    assert summary["t accuracy"]["transformer"]["ci95"] is None
+    table = bench.format_table(summary, ["full", "transformer"])
+    assert "0.300 ± 1.271" in table  # full: two seeds
+    assert table.rstrip().endswith(" 0.300")  # transformer: one seed, no interval
+
+
+def test_t_quantile_beyond_the_table_agrees_with_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (2, 9, 30, 31, 45, 100, 400):
+        assert bench.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+
+
+def test_two_jobs_give_the_results_of_one(tmp_path: Path) -> None:
+    argv = ["--tasks", "chaining", "--variants", "full", "transformer", "--seeds", "1",
+            "--steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-batches", "1",
+            "--warmup-steps", "1", "--labels", "answers", "--model", *TINY_MODEL,
+            "--task-args", 'chaining={"hops": [1, 2, 2], "n_symbols": 16, "n_distractors": 1}']  # fmt: skip
+    one = bench.main([*argv, "--out", str(tmp_path / "one.json")])
+    two = bench.main([*argv, "--jobs", "2", "--out", str(tmp_path / "two.json")])
+    assert [r["variant"] for r in one["runs"]] == ["full", "transformer"]
+    assert not (tmp_path / "two.runs.jsonl").exists()  # removed once the report is written
+    assert one["tasks"]["chaining"]["source"]["task_args"]["hops"] == [1, 2, 2]
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert (a["variant"], a["loss_last"], a["scores"]) == (
+            b["variant"],
+            b["loss_last"],
+            b["scores"],
+        )
+
+
+def test_bad_task_args_and_empty_plans_are_errors() -> None:
+    with pytest.raises(SystemExit, match="TASK=JSON"):
+        bench.parse_task_args(["nosuchtask={}"])
+    with pytest.raises(SystemExit, match="not JSON"):
+        bench.parse_task_args(["chaining={hops"])
+    assert bench.parse_task_args(['chaining={"hops": [1]}', 'chaining={"n_symbols": 8}']) == {
+        "chaining": {"hops": [1], "n_symbols": 8}
+    }
+    assert bench.plan_runs(["chaining"], False, ["transformer"]) == [("chaining", "transformer")]
+
+
+def test_finished_runs_are_logged_as_they_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "run_job", lambda job: {"loss_last": float(len(job["name"]))})
+    progress = tmp_path / "sweep.runs.jsonl"
+    results = bench.run_all([{"name": "a"}, {"name": "bb"}], 1, progress)
+    assert results == [{"loss_last": 1.0}, {"loss_last": 2.0}]
+    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert lines == [{"name": "a", "loss_last": 1.0}, {"name": "bb", "loss_last": 2.0}]

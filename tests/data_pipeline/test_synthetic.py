@@ -174,3 +174,15 @@ def test_distant_premise_distance():
     assert len(docs) == 1 and len(docs[0][0]) == 1024  # one problem fills the row
     c, t = check_sample(stream.task, sample)
     assert c == t == 1
+
+
+def test_chaining_repeated_hops_weight_the_draw():
+    """A proof length listed twice is drawn twice as often (a mixture with more short chains)."""
+    import random
+
+    task = build_task("chaining", vocab_size=128, hops=[1, 2, 2], n_distractors=1, n_symbols=16)
+    rng = random.Random(0)
+    groups = [task.sample(rng, 128).group for _ in range(3000)]
+    assert set(groups) == {1, 2}
+    assert 0.62 < groups.count(2) / len(groups) < 0.72  # 2/3 expected
+    assert task.max_len(128) == 4 * 2 * 2 + 4  # the longest proof sets the length
