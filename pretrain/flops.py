@@ -78,11 +78,6 @@ def path_backward_breakdown(module: nn.Module, seq_len: int, runs: float = 1.0) 
     return {part: 2 * flops for part, flops in path_breakdown(module, seq_len, runs).items()}
 
 
-def path_flops_per_token(module: nn.Module, seq_len: int, runs: float = 1.0) -> float:
-    """Forward FLOPs per token of one block path run ``runs`` times (``path_breakdown``'s sum)."""
-    return sum(path_breakdown(module, seq_len, runs).values())
-
-
 def _active_paths(model: CausalLM, training: bool) -> Iterator[tuple[str, nn.Module, float]]:
     """(path name, module, runs per forward) of every active path of every block; a block the
     stack loops runs its R at evaluation or (``training``) at the next training step."""
