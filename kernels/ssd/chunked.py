@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.ssd.ref import _accum_dtype, _check_inputs, _pad_time, _segsum, document_ids
+from kernels.ssd.ref import _accum_dtype, _check_inputs, _pad_time, document_ids
 
 # a block's [b, K, H, L, L] tensors hold about this many elements (1 MiB each in fp32): with 2
 # threads 4-8 chunks of 64 for 16 heads ran fastest (1 or 64 chunks: 1.3x slower; 1 thread: flat)
@@ -46,16 +46,43 @@ def default_block_chunks(b: int, H: int, chunk_size: int) -> int:
 
 @dataclass
 class _Block:
-    """One block's inputs in the accumulation dtype, padded to K whole chunks, and its decays."""
+    """One block's inputs in the accumulation dtype, chunk-major (chunks first, then batch, then
+    the matmul's batch dims, then the chunk's positions), padded to K whole chunks, and the
+    per-position decays. Chunk-major tensors make every product below a batched matmul over
+    contiguous [L, ..] slices: the layout is changed once per block, not once per product."""
 
-    x: torch.Tensor  # [b, K, L, G, R, P]
-    dt: torch.Tensor  # [b, K, L, G, R]
-    xd: torch.Tensor  # [b, K, L, G, R, P] dt * x
-    B: torch.Tensor  # [b, K, L, G, N]
-    C: torch.Tensor  # [b, K, L, G, N]
-    D: torch.Tensor  # [b, K, G, R, L, L] masked decay from s to l
-    M: torch.Tensor  # [b, K, G, R, L, L] (C_l . B_s) * D
-    w: torch.Tensor  # [b, K, G, R, L] masked decay from the chunk start to l
+    x: torch.Tensor  # [K, b, G, R, L, P]
+    dt: torch.Tensor  # [K, b, G, R, L]
+    xd: torch.Tensor  # [K, b, G, R, L, P] dt * x
+    B: torch.Tensor  # [K, b, G, L, N]
+    C: torch.Tensor  # [K, b, G, L, N]
+    cs: torch.Tensor  # [K, b, G, R, L] log-decay from the chunk start to l (a cumsum of dt * A)
+    hidden: torch.Tensor  # [L, L] or [K, b, 1, 1, L, L] bool: s after l, or in another document
+    w: torch.Tensor  # [K, b, G, R, L] masked decay from the chunk start to l
+    w_end: torch.Tensor  # [K, b, G, R, L] masked decay from s to the chunk's end
+
+
+def _chunks(
+    t: torch.Tensor, t0: int, t1: int, L: int, inner: tuple[int, ...], feature: bool, dtype
+) -> torch.Tensor:
+    """Positions t0 .. t1-1 of [b, T, ...] as chunk-major [K, b, *groups, L, (feature)] in
+    ``dtype``, padded to whole chunks with zeros; ``inner`` splits the dims after time, whose
+    last is a feature dim (kept last, after L) when ``feature``. One copy."""
+    b, pad = t.shape[0], (t0 - t1) % L
+    v = _pad_time(t[:, t0:t1].to(dtype), pad).view(b, -1, L, *inner)
+    n = v.dim()
+    groups = range(3, n - 1) if feature else range(3, n)
+    return v.permute(1, 0, *groups, 2, *((n - 1,) if feature else ())).contiguous()
+
+
+def _store(dst: torch.Tensor, src: torch.Tensor, t0: int, feature: bool) -> None:
+    """Write chunk-major ``src`` [K, b, *groups, L, (feature)] into positions t0 .. t0 + K*L of
+    ``dst`` [b, T', ...] (padded to whole chunks): the inverse of ``_chunks``."""
+    n, K, L = src.dim(), src.shape[0], src.shape[-2 if feature else -1]
+    groups = tuple(range(2, n - 2 if feature else n - 1))
+    order = (1, 0, n - 2, *groups, n - 1) if feature else (1, 0, n - 1, *groups)
+    view = src.permute(order)
+    dst[:, t0 : t0 + K * L].view(view.shape).copy_(view)
 
 
 def _load_block(
@@ -74,57 +101,65 @@ def _load_block(
     G, N = B.shape[2:]
     R = H // G
     acc = _accum_dtype(x.dtype)
-    pad = (t0 - t1) % L
-    K = (t1 - t0 + pad) // L
-
-    def load(t: torch.Tensor, *shape: int) -> torch.Tensor:
-        return _pad_time(t[:, t0:t1].to(acc), pad).view(b, K, L, *shape)
-
-    xb, dtb, Bb, Cb = load(x, G, R, P), load(dt, G, R), load(B, G, N), load(C, G, N)
-    a = (dtb * A.to(acc).view(G, R)).permute(0, 1, 3, 4, 2)  # [b, K, G, R, L]
-    w = torch.exp(a.cumsum(dim=-1))
-    doc_l = None
+    xb = _chunks(x, t0, t1, L, (G, R, P), True, acc)
+    dtb = _chunks(dt, t0, t1, L, (G, R), False, acc)
+    Bb, Cb = (_chunks(t, t0, t1, L, (G, N), True, acc) for t in (B, C))
+    # log-decays as differences of one cumsum per chunk (as mamba_ssm's and our Triton kernels
+    # do): exact enough in the accumulation dtype, and no [L, L] cumsum
+    cs = (dtb * A.to(acc).view(G, R, 1)).cumsum(dim=-1)
+    w = torch.exp(cs)
+    w_end = torch.exp(cs[..., -1:] - cs)
+    hidden = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
     if doc is not None:
-        doc_b = _pad_time(doc[:, t0:t1], pad, replicate=True).view(b, K, L)
+        pad = (t0 - t1) % L
+        doc_c = _pad_time(doc[:, t0:t1], pad, replicate=True).view(b, -1, L).transpose(0, 1)
         # document just before each chunk (the initial state belongs to document 0)
-        before = torch.cat([doc[:, max(t0 - 1, 0), None], doc_b[:, :-1, -1]], dim=1)  # [b, K]
-        doc_l = doc_b[:, :, None, None, :]
-        w = w * (doc_l == before[:, :, None, None, None]).to(acc)
-    D = torch.exp(_segsum(a, doc_l))
-    M = torch.einsum("bclgn,bcsgn->bcgls", Cb, Bb)[:, :, :, None] * D
-    return _Block(x=xb, dt=dtb, xd=xb * dtb[..., None], B=Bb, C=Cb, D=D, M=M, w=w)
+        before = torch.cat([doc[None, :, max(t0 - 1, 0)], doc_c[:-1, :, -1]])  # [K, b]
+        w = w * (doc_c == before[..., None])[:, :, None, None].to(acc)
+        w_end = w_end * (doc_c == doc_c[..., -1:])[:, :, None, None].to(acc)
+        other_doc = doc_c[..., :, None] != doc_c[..., None, :]
+        hidden = (hidden | other_doc)[:, :, None, None]
+    return _Block(
+        x=xb, dt=dtb, xd=xb * dtb[..., None], B=Bb, C=Cb, cs=cs, hidden=hidden, w=w, w_end=w_end
+    )
 
 
-def _to_time_major(t: torch.Tensor) -> torch.Tensor:
-    """[b, K, G, R, L] -> [b, K, L, G, R, 1], to scale per-position [.., G, R, P] tensors."""
-    return t.permute(0, 1, 4, 2, 3)[..., None]
+def _decay(blk: _Block) -> torch.Tensor:
+    """D [K, b, G, R, L, L]: exp(cs[l] - cs[s]) for s <= l in l's document, else 0."""
+    seg = blk.cs[..., :, None] - blk.cs[..., None, :]
+    return seg.masked_fill_(blk.hidden, float("-inf")).exp_()
+
+
+def _scores(blk: _Block) -> torch.Tensor:
+    """C_l . B_s [K, b, G, 1, L, L], shared by the R heads of a group."""
+    return torch.matmul(blk.C, blk.B.transpose(-1, -2))[:, :, :, None]
 
 
 def _entering_states(blk: _Block, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """States entering each chunk [b, K, G, R, P, N] and leaving the block [b, G, R, P, N].
+    """States entering each chunk [K, b, G, R, P, N] and leaving the block [b, G, R, P, N].
 
     A sequential recurrence over chunks; ``unbind`` gives all chunks in one op (slicing in the
     loop would cost one op per chunk and per tensor).
     """
-    w_end = _to_time_major(blk.D[..., -1, :])  # decay from s to the chunk's end
-    local = torch.einsum("bcsgn,bcsgrp->bcgrpn", blk.B, blk.xd * w_end)
+    xd_end = blk.xd * blk.w_end[..., None]
+    local = torch.matmul(xd_end.transpose(-1, -2), blk.B[:, :, :, None])
     h, entering = h_in, []
-    for dec, state in zip(blk.w[..., -1].unbind(1), local.unbind(1)):
+    for dec, state in zip(blk.w[..., -1].unbind(0), local.unbind(0)):
         entering.append(h)
         h = dec[..., None, None] * h + state
-    return torch.stack(entering, dim=1), h
+    return torch.stack(entering), h
+
+
+def _read_out(blk: _Block, entering: torch.Tensor) -> torch.Tensor:
+    """C_l . h_c [K, b, G, R, L, P]: each chunk's entering state read at its positions."""
+    return torch.matmul(blk.C[:, :, :, None], entering.transpose(-1, -2))
 
 
 def _block_forward(blk: _Block, entering: torch.Tensor) -> torch.Tensor:
-    """y of the block [b, K, L, G, R, P]: inside the chunks plus the entering states read out."""
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", blk.M, blk.xd)
-    read = torch.einsum("bclgn,bcgrpn->bclgrp", blk.C, entering)
-    return y + read * _to_time_major(blk.w)
-
-
-def _write(dst: torch.Tensor, src: torch.Tensor, t0: int, t1: int) -> None:
-    """Copy a block's [b, K, L, ...] result into positions t0 .. t1-1 of [b, T, ...] ``dst``."""
-    dst[:, t0:t1] = src.reshape(dst.shape[0], -1, *dst.shape[2:])[:, : t1 - t0]
+    """y of the block [K, b, G, R, L, P]: inside the chunks plus the entering states read out."""
+    M = _decay(blk).mul_(_scores(blk))
+    y = torch.matmul(M, blk.xd)
+    return y.add_(_read_out(blk, entering).mul_(blk.w[..., None]))
 
 
 def _ssd_forward(
@@ -143,14 +178,19 @@ def _ssd_forward(
     G, N = B.shape[2:]
     acc = _accum_dtype(x.dtype)
     span = block_chunks * chunk_size
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = x.new_empty((b, -(-T // chunk_size) * chunk_size, H, P))  # whole chunks
     states = x.new_empty((b, -(-T // span), H, P, N), dtype=acc)
     h = x.new_zeros((b, H, P, N), dtype=acc) if initial_state is None else initial_state.to(acc)
     h = h.unflatten(1, (G, -1))  # [b, G, R, P, N]
     for k, t0 in enumerate(range(0, T, span)):
         states[:, k] = h.flatten(1, 2)
         h = _forward_block(y, x, dt, A, B, C, doc, h, t0, min(t0 + span, T), chunk_size)
-    return y, h.flatten(1, 2), states
+    return _unpad(y, T), h.flatten(1, 2), states
+
+
+def _unpad(t: torch.Tensor, T: int) -> torch.Tensor:
+    """The first T positions of a buffer padded to whole chunks, contiguous."""
+    return t if t.shape[1] == T else t[:, :T].contiguous()
 
 
 def _forward_block(
@@ -170,7 +210,7 @@ def _forward_block(
     so that the block's tensors are freed before the next block's are made."""
     blk = _load_block(x, dt, A, B, C, doc, t0, t1, L)
     entering, h_out = _entering_states(blk, h_in)
-    _write(y, _block_forward(blk, entering), t0, t1)
+    _store(y, _block_forward(blk, entering), t0, feature=True)
     return h_out
 
 
@@ -195,56 +235,56 @@ def _reverse_state_pass(
     """The chunk recurrence backwards.
 
     Args:
-        g_read: [b, K, G, R, P, N] gradient of each entering state through its read-out.
+        g_read: [K, b, G, R, P, N] gradient of each entering state through its read-out.
         g_out: [b, G, R, P, N] gradient of the state leaving the block.
 
     Returns:
-        gradients of the states leaving each chunk [b, K, G, R, P, N], of each chunk's total
-        decay w[L-1] [b, K, G, R] and of the state entering the block [b, G, R, P, N].
+        gradients of the states leaving each chunk [K, b, G, R, P, N], of each chunk's total
+        decay w[L-1] [K, b, G, R] and of the state entering the block [b, G, R, P, N].
     """
     g, g_leave, g_dec = g_out, [], []
-    decs, reads, enters = blk.w[..., -1].unbind(1), g_read.unbind(1), entering.unbind(1)
+    decs, reads, enters = blk.w[..., -1].unbind(0), g_read.unbind(0), entering.unbind(0)
     for c in reversed(range(len(decs))):
         g_leave.append(g)
         g_dec.append((g * enters[c]).sum(dim=(-2, -1)))
         g = decs[c][..., None, None] * g + reads[c]
-    return torch.stack(g_leave[::-1], dim=1), torch.stack(g_dec[::-1], dim=1), g
+    return torch.stack(g_leave[::-1]), torch.stack(g_dec[::-1]), g
 
 
 def _block_backward(
     blk: _Block, A: torch.Tensor, entering: torch.Tensor, gy: torch.Tensor, g_out: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of one block: x, dt, B, C [b, K, L, ..], A [G, R] and the entering state."""
+    """Gradients of one block, chunk-major: x, dt, B, C, A [G, R] and the entering state."""
     G, R = blk.w.shape[2:4]
-    w_l = _to_time_major(blk.w)
-    # read-out of the entering states: y += w[l] C_l . h_c
-    gy_w = gy * w_l
-    gC = torch.einsum("bclgrp,bcgrpn->bclgn", gy_w, entering)
-    read = torch.einsum("bclgn,bcgrpn->bclgrp", blk.C, entering)
-    g_w = (gy * read).sum(dim=-1).permute(0, 1, 3, 4, 2)  # [b, K, G, R, L]
-    g_read = torch.einsum("bclgrp,bclgn->bcgrpn", gy_w, blk.C)
+    # read-out of the entering states: y += w[l] C_l . h_c (sums over R: B/C are per group)
+    gy_w = gy * blk.w[..., None]
+    gC = torch.matmul(gy_w, entering).sum(dim=3)
+    g_w = (gy * _read_out(blk, entering)).sum(dim=-1)  # [K, b, G, R, L]
+    g_read = torch.matmul(gy_w.transpose(-1, -2), blk.C[:, :, :, None])
     g_leave, g_dec, g_in = _reverse_state_pass(blk, entering, g_read, g_out)
     g_w[..., -1] += g_dec
-    # each chunk's own contribution to the state leaving it: sum_s D[L-1, s] xd_s B_s
-    w_end = blk.D[..., -1, :]
-    u = torch.einsum("bcgrpn,bcsgn->bcsgrp", g_leave, blk.B)
-    g_xd = u * _to_time_major(w_end)
-    g_w_end = (blk.xd * u).sum(dim=-1).permute(0, 1, 3, 4, 2)  # [b, K, G, R, L]
-    gB = torch.einsum("bcgrpn,bcsgrp->bcsgn", g_leave, blk.xd * _to_time_major(w_end))
+    # each chunk's own contribution to the state leaving it: sum_s w_end[s] xd_s B_s
+    w_end = blk.w_end[..., None]
+    u = torch.matmul(blk.B[:, :, :, None], g_leave.transpose(-1, -2))  # [K, b, G, R, L, P]
+    g_xd = u * w_end
+    g_w_end = (blk.xd * u).sum(dim=-1)
+    gB = torch.matmul(blk.xd * w_end, g_leave).sum(dim=3)
     # inside the chunks: y += sum_s M[l, s] xd_s
-    g_xd = g_xd + torch.einsum("bcgrls,bclgrp->bcsgrp", blk.M, gy)
-    dM = torch.einsum("bclgrp,bcsgrp->bcgrls", gy, blk.xd)
-    dS = (dM * blk.D).sum(dim=3)  # scores are shared by the R heads of a group
-    gC = gC + torch.einsum("bcgls,bcsgn->bclgn", dS, blk.B)
-    gB = gB + torch.einsum("bcgls,bclgn->bcsgn", dS, blk.C)
+    D = _decay(blk)
+    M = D * _scores(blk)
+    g_xd += torch.matmul(M.transpose(-1, -2), gy)
+    dM = torch.matmul(gy, blk.xd.transpose(-1, -2))
+    dS = (dM * D).sum(dim=3)  # [K, b, G, L, L]
+    del D
+    gC += torch.matmul(dS, blk.B)
+    gB += torch.matmul(dS.transpose(-1, -2), blk.C)
     # log-decays a = dt * A, through D (w_end is its last row) and through w (a cumsum)
-    Q = dM.mul_(blk.M)  # dM is done with
-    Q[..., -1, :] += g_w_end * w_end
+    Q = dM.mul_(M)  # dM is done with
+    Q[..., -1, :] += g_w_end * blk.w_end
     gw = g_w * blk.w
-    ga = _segsum_grad(Q) + gw.flip(-1).cumsum(dim=-1).flip(-1)  # [b, K, G, R, L]
-    ga_l = _to_time_major(ga)[..., 0]  # [b, K, L, G, R]
-    gdt = (g_xd * blk.x).sum(dim=-1) + ga_l * A.view(G, R)
-    gA = (ga_l * blk.dt).sum(dim=(0, 1, 2))
+    ga = _segsum_grad(Q) + gw.flip(-1).cumsum(dim=-1).flip(-1)  # [K, b, G, R, L]
+    gdt = (g_xd * blk.x).sum(dim=-1) + ga * A.view(G, R, 1)
+    gA = (ga * blk.dt).sum(dim=(0, 1, 4))
     return g_xd * blk.dt[..., None], gdt, gB, gC, gA, g_in
 
 
@@ -266,7 +306,8 @@ def _ssd_backward(
     G, N = B.shape[2:]
     acc = _accum_dtype(x.dtype)
     span = block_chunks * chunk_size
-    grads = tuple(x.new_empty(t.shape, dtype=acc) for t in (x, dt, B, C))
+    padded = -(-T // chunk_size) * chunk_size
+    grads = tuple(x.new_empty((b, padded, *t.shape[2:]), dtype=acc) for t in (x, dt, B, C))
     gA = A.new_zeros((G, H // G), dtype=acc)
     g = x.new_zeros((b, H, P, N), dtype=acc) if dfinal is None else dfinal.to(acc)
     g = g.unflatten(1, (G, -1))  # gradient of the state leaving the current block
@@ -275,7 +316,7 @@ def _ssd_backward(
         g = _backward_block(
             grads, gA, dy, x, dt, A, B, C, doc, h_in, g, t0, min(t0 + span, T), chunk_size
         )
-    gx, gdt, gB, gC = grads
+    gx, gdt, gB, gC = (_unpad(t, T) for t in grads)
     return gx, gdt, gA.flatten(), gB, gC, g.flatten(1, 2)
 
 
@@ -297,16 +338,15 @@ def _backward_block(
 ) -> torch.Tensor:
     """Writes the gradients of x, dt, B, C at t0 .. t1-1 into ``grads``, adds A's to ``gA`` and
     returns the gradient of ``h_in``; the block's recomputed tensors die with the call."""
-    acc = gA.dtype
     blk = _load_block(x, dt, A, B, C, doc, t0, t1, L)
     entering, _ = _entering_states(blk, h_in)
     if dy is None:
-        gy = blk.x.new_zeros(blk.x.shape)
+        gy = torch.zeros_like(blk.x)
     else:
-        gy = _pad_time(dy[:, t0:t1].to(acc), blk.x.shape[1] * L - (t1 - t0)).reshape(blk.x.shape)
-    *block_grads, gA_k, g_in = _block_backward(blk, A.to(acc), entering, gy, g_out)
-    for dst, src in zip(grads, block_grads):  # x, dt, B, C
-        _write(dst, src, t0, t1)
+        gy = _chunks(dy, t0, t1, L, (*blk.x.shape[2:4], blk.x.shape[-1]), True, gA.dtype)
+    *block_grads, gA_k, g_in = _block_backward(blk, A.to(gA.dtype), entering, gy, g_out)
+    for dst, src, feature in zip(grads, block_grads, (True, False, True, True)):  # x, dt, B, C
+        _store(dst, src, t0, feature)
     gA += gA_k
     return g_in
 
