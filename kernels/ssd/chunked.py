@@ -135,31 +135,54 @@ def _scores(blk: _Block) -> torch.Tensor:
     return torch.matmul(blk.C, blk.B.transpose(-1, -2))[:, :, :, None]
 
 
-def _entering_states(blk: _Block, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """States entering each chunk [K, b, G, R, P, N] and leaving the block [b, G, R, P, N].
+def _heads_last(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``t * w`` for t [K, b, G, R, L, P] and w [K, b, G, R, L], written as [K, b, G, L, R*P]:
+    a group's heads side by side, so that products over a group's positions or state contract
+    or produce all of its heads in one matmul (B and C are shared by the group) instead of
+    broadcasting B or C to every head. The layout change rides on the product's own pass."""
+    K, b, G, R, L, P = t.shape
+    out = t.new_empty((K, b, G, L, R, P))
+    torch.mul(t, w[..., None], out=out.transpose(3, 4))
+    return out.view(K, b, G, L, R * P)
+
+
+def _per_head(t: torch.Tensor, R: int) -> torch.Tensor:
+    """[K, b, G, L, R*P] -> a [K, b, G, R, L, P] view (no copy)."""
+    return t.unflatten(-1, (R, -1)).transpose(3, 4)
+
+
+def _entering_states(
+    blk: _Block, h_in: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """States entering each chunk [K, b, G, R, P, N], the state leaving the block
+    [b, G, R, P, N], and w_end * xd [K, b, G, L, R*P] (each position's share of its chunk's
+    final state; the backward needs it again).
 
     A sequential recurrence over chunks; ``unbind`` gives all chunks in one op (slicing in the
     loop would cost one op per chunk and per tensor).
     """
-    xd_end = blk.xd * blk.w_end[..., None]
-    local = torch.matmul(xd_end.transpose(-1, -2), blk.B[:, :, :, None])
+    xd_end = _heads_last(blk.xd, blk.w_end)
+    local = torch.matmul(xd_end.transpose(-1, -2), blk.B)  # [K, b, G, R*P, N]
+    local = local.unflatten(3, blk.x.shape[3:4] + blk.x.shape[5:])  # [K, b, G, R, P, N]
     h, entering = h_in, []
     for dec, state in zip(blk.w[..., -1].unbind(0), local.unbind(0)):
         entering.append(h)
         h = dec[..., None, None] * h + state
-    return torch.stack(entering), h
+    return torch.stack(entering), h, xd_end
 
 
 def _read_out(blk: _Block, entering: torch.Tensor) -> torch.Tensor:
-    """C_l . h_c [K, b, G, R, L, P]: each chunk's entering state read at its positions."""
-    return torch.matmul(blk.C[:, :, :, None], entering.transpose(-1, -2))
+    """C_l . h_c [K, b, G, R, L, P] (a view of a [K, b, G, L, R*P] tensor): each chunk's
+    entering state read at its positions."""
+    h = entering.flatten(3, 4)  # [K, b, G, R*P, N]
+    return _per_head(torch.matmul(blk.C, h.transpose(-1, -2)), entering.shape[3])
 
 
 def _block_forward(blk: _Block, entering: torch.Tensor) -> torch.Tensor:
     """y of the block [K, b, G, R, L, P]: inside the chunks plus the entering states read out."""
     M = _decay(blk).mul_(_scores(blk))
     y = torch.matmul(M, blk.xd)
-    return y.add_(_read_out(blk, entering).mul_(blk.w[..., None]))
+    return y.addcmul_(_read_out(blk, entering), blk.w[..., None])
 
 
 def _ssd_forward(
@@ -209,7 +232,7 @@ def _forward_block(
     """Writes y of positions t0 .. t1-1, returns the state leaving them; a function of its own
     so that the block's tensors are freed before the next block's are made."""
     blk = _load_block(x, dt, A, B, C, doc, t0, t1, L)
-    entering, h_out = _entering_states(blk, h_in)
+    entering, h_out, _ = _entering_states(blk, h_in)
     _store(y, _block_forward(blk, entering), t0, feature=True)
     return h_out
 
@@ -252,23 +275,29 @@ def _reverse_state_pass(
 
 
 def _block_backward(
-    blk: _Block, A: torch.Tensor, entering: torch.Tensor, gy: torch.Tensor, g_out: torch.Tensor
+    blk: _Block,
+    A: torch.Tensor,
+    entering: torch.Tensor,
+    xd_end: torch.Tensor,
+    gy: torch.Tensor,
+    g_out: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of one block, chunk-major: x, dt, B, C, A [G, R] and the entering state."""
     G, R = blk.w.shape[2:4]
-    # read-out of the entering states: y += w[l] C_l . h_c (sums over R: B/C are per group)
-    gy_w = gy * blk.w[..., None]
-    gC = torch.matmul(gy_w, entering).sum(dim=3)
+    h_enter = entering.flatten(3, 4)  # [K, b, G, R*P, N]
+    # read-out of the entering states: y += w[l] C_l . h_c
+    gy_w = _heads_last(gy, blk.w)  # [K, b, G, L, R*P]
+    gC = torch.matmul(gy_w, h_enter)
     g_w = (gy * _read_out(blk, entering)).sum(dim=-1)  # [K, b, G, R, L]
-    g_read = torch.matmul(gy_w.transpose(-1, -2), blk.C[:, :, :, None])
+    g_read = torch.matmul(gy_w.transpose(-1, -2), blk.C).view(entering.shape)
     g_leave, g_dec, g_in = _reverse_state_pass(blk, entering, g_read, g_out)
     g_w[..., -1] += g_dec
     # each chunk's own contribution to the state leaving it: sum_s w_end[s] xd_s B_s
-    w_end = blk.w_end[..., None]
-    u = torch.matmul(blk.B[:, :, :, None], g_leave.transpose(-1, -2))  # [K, b, G, R, L, P]
-    g_xd = u * w_end
+    g_leave = g_leave.flatten(3, 4)  # [K, b, G, R*P, N]
+    u = _per_head(torch.matmul(blk.B, g_leave.transpose(-1, -2)), R)  # [K, b, G, R, L, P]
+    g_xd = u * blk.w_end[..., None]
     g_w_end = (blk.xd * u).sum(dim=-1)
-    gB = torch.matmul(blk.xd * w_end, g_leave).sum(dim=3)
+    gB = torch.matmul(xd_end, g_leave)
     # inside the chunks: y += sum_s M[l, s] xd_s
     D = _decay(blk)
     M = D * _scores(blk)
@@ -339,12 +368,12 @@ def _backward_block(
     """Writes the gradients of x, dt, B, C at t0 .. t1-1 into ``grads``, adds A's to ``gA`` and
     returns the gradient of ``h_in``; the block's recomputed tensors die with the call."""
     blk = _load_block(x, dt, A, B, C, doc, t0, t1, L)
-    entering, _ = _entering_states(blk, h_in)
+    entering, _, xd_end = _entering_states(blk, h_in)
     if dy is None:
         gy = torch.zeros_like(blk.x)
     else:
         gy = _chunks(dy, t0, t1, L, (*blk.x.shape[2:4], blk.x.shape[-1]), True, gA.dtype)
-    *block_grads, gA_k, g_in = _block_backward(blk, A.to(gA.dtype), entering, gy, g_out)
+    *block_grads, gA_k, g_in = _block_backward(blk, A.to(gA.dtype), entering, xd_end, gy, g_out)
     for dst, src, feature in zip(grads, block_grads, (True, False, True, True)):  # x, dt, B, C
         _store(dst, src, t0, feature)
     gA += gA_k
