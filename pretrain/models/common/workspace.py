@@ -265,11 +265,17 @@ class WorkspaceMemory(nn.Module):
         initial = _wide(self.slots)[None].expand(batch, -1, -1)  # [B, M, D]
         keys, vals = _heads(self.write_kv(x_n[rows, write_pos]), self.n_heads).chunk(2, dim=-1)
         state, after_write = initial, []
-        for s in range(ends.shape[1]):
-            state = torch.where(first_chunk[:, s, None, None], initial, state)
-            state = self._write(
-                state, keys[:, s], vals[:, s], written[:, s, None].expand(-1, chunk)
-            )
+        # unbind, not keys[:, s]: the backward of a slice taken in the loop would build (and
+        # add up) a zero gradient of the whole tensor per step, quadratic in T
+        steps = zip(
+            first_chunk[:, :, None, None].unbind(1),
+            keys.unbind(1),
+            vals.unbind(1),
+            written[:, :, None].expand(-1, -1, chunk).unbind(1),
+        )
+        for starts, keys_s, vals_s, valid in steps:
+            state = torch.where(starts, initial, state)
+            state = self._write(state, keys_s, vals_s, valid)
             after_write.append(state)
 
         q = _heads(self.read_q(x_n), self.n_heads)  # [B, T, H, K]
@@ -419,11 +425,17 @@ class WorkspaceMemory(nn.Module):
         keys, vals = _heads(self.write_kv(tokens), self.n_heads).chunk(2, dim=-1)  # [B, S, C, H, K]
         state = initial if state_in is None else state_in
         states = []
-        for s in range(seg.n_segments):
-            state = torch.where(seg.starts_document[:, s, None, None], initial, state)
+        steps = zip(  # unbind: see _forward_rows
+            seg.starts_document[:, :, None, None].unbind(1),
+            keys.unbind(1),
+            vals.unbind(1),
+            seg.token_valid.unbind(1),
+        )
+        for s, (starts, keys_s, vals_s, valid) in enumerate(steps):
+            state = torch.where(starts, initial, state)
             states.append(state)
             if s + 1 < seg.n_segments or write_last:  # else read by nobody: skipped
-                state = self._write(state, keys[:, s], vals[:, s], seg.token_valid[:, s])
+                state = self._write(state, keys_s, vals_s, valid)
         if write_last:
             return torch.stack(states, dim=1), state
         return torch.stack(states, dim=1)
