@@ -25,13 +25,16 @@ op only needs, per row, summaries sorted by ``summary_end``. Padding entries car
 ``summary_end >= T - 1`` (never visible, keeps the order).
 
 CPU algorithm (``sparse_global_attention``), O(T * (window + n_global)) time and memory, never a
-T x T matrix: T is split into blocks of W = min(window, T) queries; block n attends to key blocks
-n-1 and n (masked to the window) and to the G' <= n_global + (summaries ending inside the block)
-summaries it can need, gathered per block. The two parts are merged by log-sum-exp exactly as
-flash attention merges tiles. Each part is an ``autograd.Function`` that builds its [W, L] scores
-a group of blocks at a time and recomputes them in the backward, so nothing of size
-T * (window + n_global) * H is kept between forward and backward, and the transient scores stay
-under a fixed budget (``_SCORE_ELEMS_PER_GROUP``).
+T x T matrix: T is split into blocks of W = min(window, T) queries; block n attends, in one
+softmax, to key blocks n-1 and n (masked to the window and document) followed by the
+G' <= n_global + (summaries ending inside the block) summaries it can need, gathered per block.
+The blocks are the batch of one ``F.scaled_dot_product_attention`` call with a mask; on CPU that
+is the flash kernel, which tiles the scores and recomputes them in its backward, so nothing of
+size T * (window + n_global) * H is kept between forward and backward.
+
+``_local_part`` / ``_summary_part`` / ``_merge_parts`` compute the two key sets as separate
+unnormalised parts merged by log-sum-exp, a group of blocks at a time under a fixed score budget
+(``_SCORE_ELEMS_PER_GROUP``); the ``flash_attn`` backend and ``boundary.py`` build on them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from torch.autograd.function import once_differentiable
 # document ids given to padding positions (real documents are numbered 0, 1, ...)
 _FRONT_PAD_DOC = -1
 _BACK_PAD_DOC = -2
+_NO_DOC = -3  # document of summaries no query may see (matches no query's document)
 
 
 class ChunkSummaries(NamedTuple):
@@ -443,15 +447,17 @@ def _local_part(
     return _attend_part(q_blk, k_blk, v_blk, mask)
 
 
-def _summary_part(
-    q_blk: torch.Tensor,
+def _summary_keys(
     summaries: ChunkSummaries,
     doc: torch.Tensor,
     window: int,
     n_global: int,
+    n: int,
+    blk: int,
     width: int | None = None,
-) -> _Part | None:
-    """Each query block attends to the contiguous range of summaries its queries may need.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The contiguous range of summaries each of the n query blocks of ``blk`` queries may need:
+    keys, values [b, n, G', Hkv, K] and mask [b, n, W, G'] (True = visible); None if none can be.
 
     With summaries sorted by end, query t's candidates are among indices [0, hi(t)) with
     hi(t) = #{j: end_j <= t - window}; it keeps those with E[hi(t)] - E[j] <= n_global, E being the
@@ -460,8 +466,7 @@ def _summary_part(
     ``width`` fixes that count (``summary_block_width``; checked on the device, asynchronously);
     None measures it, which costs a host sync.
     """
-    b, n, blk = q_blk.shape[:3]
-    T, S = doc.shape[1], summaries.end.shape[1]
+    b, T, S = doc.shape[0], doc.shape[1], summaries.end.shape[1]
     if S == 0 or n_global == 0:
         return None
     eligible, doc_end = _summary_eligible(summaries, doc)
@@ -494,13 +499,139 @@ def _summary_part(
 
     doc_q = F.pad(doc, (0, n * blk - T), value=_BACK_PAD_DOC).view(b, n, blk, 1)
     e_idx = ecount.gather(1, idx.reshape(b, -1)).view(b, n, 1, width)
-    mask = (
-        (raw_idx[:, :, None, :] < hi.view(b, n, blk, 1))
-        & gather(eligible)[:, :, None, :]
-        & (gather(doc_end)[:, :, None, :] == doc_q)
-        & (e_hi.view(b, n, blk, 1) - e_idx <= n_global)
-    )
-    return _attend_part(q_blk, gather(summaries.k), gather(summaries.v), mask)
+    # three compares of [b, n, W, G'], each against a per-column and a per-row vector
+    col_doc = torch.where(gather(eligible), gather(doc_end), _NO_DOC).view(b, n, 1, width)
+    mask = raw_idx[:, :, None, :] < hi.view(b, n, blk, 1)
+    mask &= col_doc == doc_q
+    mask &= e_idx >= (e_hi - n_global).view(b, n, blk, 1)  # among the n_global most recent
+    return gather(summaries.k), gather(summaries.v), mask
+
+
+def _summary_part(
+    q_blk: torch.Tensor,
+    summaries: ChunkSummaries,
+    doc: torch.Tensor,
+    window: int,
+    n_global: int,
+    width: int | None = None,
+) -> _Part | None:
+    """Each query block [b, n, W, Hkv, g, K] attends to the summaries ``_summary_keys`` gathers
+    for it."""
+    n, blk = q_blk.shape[1:3]
+    keys = _summary_keys(summaries, doc, window, n_global, n, blk, width)
+    return None if keys is None else _attend_part(q_blk, *keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# one masked softmax per query block (the ``torch`` backend's path)
+# ---------------------------------------------------------------------------------------------
+
+
+class _BlockKeys(torch.autograd.Function):
+    """Keys (or values) of each query block in one tensor: [previous block, own block, extra].
+
+    Written straight into one buffer; the backward adds the two block slices of the gradient
+    back into place (pad + slices + cat zero-filled and copied the whole key gradient several
+    times, a large share of the step next to the attention kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, x, extra, blk):
+        b, n = x.shape[0], x.shape[1] // blk
+        x_blk = x.reshape(b, n, blk, *x.shape[2:])
+        n_extra = 0 if extra is None else extra.shape[2]
+        out = x.new_empty(b, n, 2 * blk + n_extra, *x.shape[2:])
+        out[:, :1, :blk].zero_()  # block -1: masked out, but must not hold NaN garbage
+        out[:, 1:, :blk] = x_blk[:, :-1]
+        out[:, :, blk : 2 * blk] = x_blk
+        if extra is not None:
+            out[:, :, 2 * blk :] = extra
+        ctx.blk, ctx.has_extra = blk, extra is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        blk = ctx.blk
+        g_x = g[:, :, blk : 2 * blk].clone()
+        g_x[:, :-1] += g[:, 1:, :blk]
+        g_extra = g[:, :, 2 * blk :] if ctx.has_extra else None
+        return g_x.flatten(1, 2), g_extra, None
+
+
+def _local_mask(doc: torch.Tensor, n: int, blk: int, window: int) -> torch.Tensor:
+    """[b, n, W, 2W] bool: key j of block n's [previous, own] keys is visible to its query i.
+
+    Document ids only grow along a row, so "same document" is "at or after the start of the
+    query's document": visible iff max(t - window + 1, doc_start(t)) <= s <= t, two compares
+    instead of building t - s and two document-id lookups per key. Padded queries (t >= T) are
+    a document of their own starting at T.
+    """
+    b, T = doc.shape
+    pos = torch.arange(n * blk, device=doc.device)
+    new_doc = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)
+    doc_start = torch.where(new_doc, pos[:T], 0).cummax(dim=1).values
+    doc_start = F.pad(doc_start, (0, n * blk - T), value=T)  # [b, n*W]
+    lo = torch.maximum(doc_start, pos - (window - 1))  # first visible key position
+    # in block coordinates: key j of block n sits at (n - 1) W + j, query i at n W + i
+    lo_rel = (lo.view(b, n, blk) - (pos.view(n, blk)[:, :1] - blk)).clamp(0, 2 * blk)
+    j = torch.arange(2 * blk, device=doc.device, dtype=torch.int32)
+    causal = j[None, :] <= torch.arange(blk, device=doc.device, dtype=torch.int32)[:, None] + blk
+    return (j >= lo_rel.to(torch.int32)[..., None]) & causal
+
+
+def _attend_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc: torch.Tensor,
+    glob: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    window: int,
+    blk: int,
+    scale: float,
+) -> torch.Tensor:
+    """One masked softmax per query block over [its 2W local keys, its gathered summaries].
+
+    The query blocks are the batch of one ``scaled_dot_product_attention`` call; on CPU that is
+    the flash kernel (masked tiles, online softmax, a backward that recomputes the scores), so
+    no score tensor outlives a tile and the two key sets need no log-sum-exp merge. Every row
+    sees at least its own key (padded queries too), so no row is fully masked.
+
+    Args:
+        q: [b, n*W, H, K]; k, v: [b, n*W, Hkv, K] (padded at the back); doc: [b, T];
+        glob: ``_summary_keys`` of the blocks, or None.
+
+    Returns:
+        [b, n*W, H, K].
+    """
+    b, n_pos, H, K = q.shape
+    n, hkv = n_pos // blk, k.shape[2]
+    visible = _local_mask(doc, n, blk, window)
+    extra_k = extra_v = None
+    if glob is not None:
+        extra_k, extra_v, glob_mask = glob
+        visible = torch.cat([visible, glob_mask], dim=-1)
+    n_keys = visible.shape[-1]
+    # additive mask in q's dtype: what SDPA would convert a boolean one to, built in one pass
+    mask = torch.where(visible, 0.0, float("-inf")).to(q.dtype).view(b * n, 1, blk, n_keys)
+    # [b*n, L, Hkv, K] seen as [b*n, Hkv, L, K]: the flash kernel reads this layout as is
+    k_all = _BlockKeys.apply(k, extra_k, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
+    v_all = _BlockKeys.apply(v, extra_v, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
+    gqa = hkv != H
+    if gqa and q.device.type != "cpu":
+        # CUDA's masked (memory-efficient) kernel takes no GQA: SDPA would fall back to math
+        k_all = k_all.repeat_interleave(H // hkv, dim=1)
+        v_all = v_all.repeat_interleave(H // hkv, dim=1)
+        gqa = False
+    out = F.scaled_dot_product_attention(
+        q.reshape(b * n, blk, H, K).transpose(1, 2),
+        k_all,
+        v_all,
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [b*n, H, W, K], laid out as [b*n, W, H, K]
+    return out.transpose(1, 2).reshape(b, n_pos, H, K)
 
 
 def sparse_global_attention(
@@ -536,7 +667,6 @@ def sparse_global_attention(
     """
     _check_inputs(q, k, v, window, n_global)
     b, T, H, K = q.shape
-    hkv = k.shape[2]
     scale = K**-0.5 if scale is None else scale
     blk = min(window, T)
     n = -(-T // blk)
@@ -549,15 +679,14 @@ def sparse_global_attention(
 
     with torch.autocast(q.device.type, enabled=False):
         pad = n * blk - T
-        q_blk = (F.pad(q.to(dtype), (0, 0, 0, 0, 0, pad)) * scale).view(b, n, blk, hkv, H // hkv, K)
-        k_p = F.pad(k.to(dtype), (0, 0, 0, 0, 0, pad))
-        v_p = F.pad(v.to(dtype), (0, 0, 0, 0, 0, pad))
-        doc_pad = F.pad(F.pad(doc, (0, pad), value=_BACK_PAD_DOC), (blk, 0), value=_FRONT_PAD_DOC)
-        local = _local_part(q_blk, k_p, v_p, doc_pad, window, blk)
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:  # no copy when T is a multiple of W
+            x = x.to(dtype)
+            return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+
         glob = None
         if summaries is not None:
             cast = summaries._replace(k=summaries.k.to(dtype), v=summaries.v.to(dtype))
-            glob = _summary_part(q_blk, cast, doc, window, n_global, summary_width)
-        out = _merge_parts(local, glob)  # [b, n, Hkv, g, W, K]
-    out = out.permute(0, 1, 4, 2, 3, 5).reshape(b, n * blk, H, K)[:, :T]
-    return out.to(q.dtype)
+            glob = _summary_keys(cast, doc, window, n_global, n, blk, summary_width)
+        out = _attend_blocks(prepare(q), prepare(k), prepare(v), doc, glob, window, blk, scale)
+    return (out[:, :T] if pad else out).to(q.dtype)  # a slice's backward would zero-fill

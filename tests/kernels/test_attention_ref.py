@@ -15,7 +15,6 @@ from kernels.attention import (
     sparse_global_attention_dense_ref,
     summary_visibility_dense,
 )
-from kernels.attention import ref as attention_ref
 
 F64 = torch.float64
 # fp64 agreement is ~1e-15 in a quiet process; under CPU contention MKL switches code paths and
@@ -64,18 +63,12 @@ CASES = [
     (2, 30, 2, 2, 4, 64, 4, 4, False),  # window >= T: plain causal attention
     (3, 70, 4, 2, 8, 9, 4, 3, True),  # packed, ragged everything
     (1, 17, 2, 1, 4, 1, 2, 2, True),  # window 1: each query sees itself and summaries
+    (2, 37, 4, 2, 8, 40, 4, 3, True),  # T < window (one ragged block), packed, GQA
 ]
 
 
-@pytest.fixture(params=["one_group", "many_groups"])
-def score_budget(request, monkeypatch):
-    """Run with the default score budget and with one so small that every block is its own group."""
-    if request.param == "many_groups":
-        monkeypatch.setattr(attention_ref, "_SCORE_ELEMS_PER_GROUP", 1)
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_matches_dense_reference_forward_and_backward(case, score_budget):
+def test_matches_dense_reference_forward_and_backward(case):
     b, T, H, Hkv, K, window, chunk, n_global, packed = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     seq_idx = _packed_seq_idx(b, T, gen) if packed else None
@@ -195,6 +188,34 @@ def test_padded_summaries_and_errors():
         sparse_global_attention(q, k, v, summ._replace(end=summ.end.flip(1)), **kw)
     with pytest.raises(ValueError, match="divide"):
         sparse_global_attention(q, k.expand(-1, -1, 3, -1), v.expand(-1, -1, 3, -1), None, **kw)
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten op that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_path_runs_the_flash_kernel_forward_and_backward():
+    """A boolean/additive mask or GQA must not send SDPA to its math fallback (which builds the
+    scores with bmm and a softmax, and saves them for the backward)."""
+    gen = torch.Generator().manual_seed(8)
+    b, T, window, chunk = 2, 45, 8, 4
+    q, k, v = (t.float().requires_grad_(True) for t in _inputs(b, T, 4, 2, 8, gen))
+    seq_idx = _packed_seq_idx(b, T, gen)
+    summ = build_chunk_summaries(k, v, chunk, _doc_positions(seq_idx, b, T))
+    with _OpNames() as mode:
+        out = sparse_global_attention(q, k, v, summ, window=window, n_global=3, seq_idx=seq_idx)
+        out.sum().backward()
+    assert "_scaled_dot_product_flash_attention_for_cpu.default" in mode.names
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward.default" in mode.names
+    assert not {name for name in mode.names if "softmax" in name or "bmm" in name}, mode.names
 
 
 class _LargestAllocation(TorchDispatchMode):
