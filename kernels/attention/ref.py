@@ -208,11 +208,14 @@ def visible_chunk_summaries(
     valid = end < T
     start = torch.where(valid, end - (chunk - 1), T)
     covered = start.clamp(max=T - chunk)[:, :, None] + torch.arange(chunk, device=k.device)
+    # whole rows of [b * T, Hkv * K] by index_select (its backward: index_add of rows), not an
+    # element-wise gather over an expanded index
+    rows_index = (covered + T * torch.arange(b, device=k.device)[:, None, None]).flatten()
 
     def pool(x: torch.Tensor) -> torch.Tensor:  # [b, T, Hkv, K] -> [b, S, Hkv, K]
         acc = x.to(torch.promote_types(x.dtype, torch.float32))
-        index = covered.reshape(b, -1, 1, 1).expand(-1, -1, *x.shape[2:])
-        rows = acc.gather(1, index).view(b, n_slots, chunk, *x.shape[2:])
+        rows = acc.reshape(b * T, -1).index_select(0, rows_index)
+        rows = rows.view(b, n_slots, chunk, *x.shape[2:])
         mean = rows.mean(dim=2) * valid[:, :, None, None].to(acc.dtype)
         return mean.to(x.dtype)
 
