@@ -121,14 +121,16 @@ class StepUsage:
     system_s: float  # CPU seconds in the kernel: page faults, allocation (mmap/munmap), ...
     minor_faults: int  # page faults served without I/O: mostly first touches of fresh memory
     peak_rss_growth_mib: float  # rise of the process's peak resident set (0 once it is reached)
+    wall_s_runs: tuple[float, ...] = ()  # every call's wall time, for the spread of a median
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | list[float]]:
         return {
             "wall_s": self.wall_s,
             "user_s": self.user_s,
             "system_s": self.system_s,
             "minor_faults": self.minor_faults,
             "peak_rss_growth_mib": self.peak_rss_growth_mib,
+            "wall_s_runs": list(self.wall_s_runs),
         }
 
 
@@ -163,6 +165,7 @@ def median_usage(step: Callable[[], object], repeats: int) -> StepUsage:
         system_s=statistics.median(r.system_s for r in runs),
         minor_faults=int(statistics.median(r.minor_faults for r in runs)),
         peak_rss_growth_mib=sum(r.peak_rss_growth_mib for r in runs),
+        wall_s_runs=tuple(r.wall_s for r in runs),
     )
 
 

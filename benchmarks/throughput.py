@@ -328,6 +328,7 @@ def measure_cell(
     )
     if usage is not None:  # CPU: where the step's time went besides arithmetic
         row.update(
+            ms_per_step_runs=[t * 1e3 for t in usage.wall_s_runs],  # the median's spread
             user_s_per_step=usage.user_s,
             system_s_per_step=usage.system_s,
             minor_faults_per_step=usage.minor_faults,
