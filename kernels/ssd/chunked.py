@@ -104,20 +104,28 @@ def _load_block(
     xb = _chunks(x, t0, t1, L, (G, R, P), True, acc)
     dtb = _chunks(dt, t0, t1, L, (G, R), False, acc)
     Bb, Cb = (_chunks(t, t0, t1, L, (G, N), True, acc) for t in (B, C))
-    # log-decays as differences of one cumsum per chunk (as mamba_ssm's and our Triton kernels
-    # do): exact enough in the accumulation dtype, and no [L, L] cumsum
-    cs = (dtb * A.to(acc).view(G, R, 1)).cumsum(dim=-1)
-    w = _exp_floored(cs)
-    w_end = _exp_floored(cs[..., -1:] - cs)
+    a = dtb * A.to(acc).view(G, R, 1)  # [K, b, G, R, L] log-decay of each step
     keep = torch.ones(L, L, dtype=acc, device=x.device).tril()
-    if doc is not None:
+    if doc is None:
+        cs = a.cumsum(dim=-1)
+    else:
         pad = (t0 - t1) % L
         doc_c = _pad_time(doc[:, t0:t1], pad, replicate=True).view(b, -1, L).transpose(0, 1)
+        keep = keep * (doc_c[..., :, None] == doc_c[..., None, :]).to(acc)  # [K, b, L, L]
+        # cumsum within each document, as a product with the 0/1 mask: a later document's
+        # log-decays never involve an earlier one's steps, not even through rounding, so a
+        # packed row stays exactly its documents run one by one
+        cs = torch.matmul(a.flatten(2, 3), keep.transpose(-1, -2)).view(a.shape)
+        keep = keep[:, :, None]  # [K, b, 1, L, L]
+    # log-decays between positions as differences of cs (as mamba_ssm's and our Triton kernels
+    # do, but per document): exact enough in the accumulation dtype, and no [L, L] cumsum
+    w = _exp_floored(cs)
+    w_end = _exp_floored(cs[..., -1:] - cs)
+    if doc is not None:
         # document just before each chunk (the initial state belongs to document 0)
         before = torch.cat([doc[None, :, max(t0 - 1, 0)], doc_c[:-1, :, -1]])  # [K, b]
         w = w * (doc_c == before[..., None])[:, :, None, None].to(acc)
         w_end = w_end * (doc_c == doc_c[..., -1:])[:, :, None, None].to(acc)
-        keep = keep * (doc_c[..., :, None] == doc_c[..., None, :])[:, :, None].to(acc)
     return _Block(
         x=xb, dt=dtb, xd=xb * dtb[..., None], B=Bb, C=Cb, cs=cs, keep=keep, w=w, w_end=w_end
     )

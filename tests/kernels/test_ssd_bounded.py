@@ -80,6 +80,26 @@ def test_matches_sequential_fp64(
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-9, atol=1e-9, msg=f"d{name}")
 
 
+def test_documents_are_isolated_bitwise() -> None:
+    """fp32, several documents inside one chunk: changing every input of one document leaves
+    the outputs of every other document bitwise unchanged (a packed row is exactly its documents
+    run one by one; a cumsum through the whole chunk would leak the earlier documents' steps at
+    rounding level)."""
+    T, chunk = 40, 16
+    inp = make_inputs(b=1, T=T, H=4, P=8, G=2, N=8, dtype=torch.float32, seed=61)
+    inp["dt"] = inp["dt"] * 5  # decays far from 1, where rounding would show
+    seq_idx = torch.tensor([[0] * 5 + [1] * 12 + [2] * 3 + [3] * 20])
+    y0, _ = ssd_scan_bounded(**inp, chunk_size=chunk, seq_idx=seq_idx, block_chunks=2)
+    for doc in range(4):
+        bumped = {k: v.clone() for k, v in inp.items()}
+        mine = seq_idx[0] == doc
+        for name in ("x", "dt", "B", "C"):
+            bumped[name][:, mine] *= 1.5
+        y1, _ = ssd_scan_bounded(**bumped, chunk_size=chunk, seq_idx=seq_idx, block_chunks=2)
+        assert (y1[:, mine] != y0[:, mine]).any(), doc
+        assert torch.equal(y1[:, ~mine], y0[:, ~mine]), doc
+
+
 @pytest.mark.parametrize("used", ["y", "final state"])
 def test_one_output_unused(used: str) -> None:
     """Autograd hands the backward None for an output that took no part in the loss."""
