@@ -61,7 +61,7 @@ V vocab):
            log-softmax) + 8 (labels)                                                  once
   workspace, pkm: measured at the model's widths (``measure_path_bytes_per_token``), no closed form.
 Per row and layer, on top of T x the above (S = (L - 1) // summary_chunk summaries, w window):
-  summaries (L > w)        T (8 + 2 f Hkv Kh) (k and v pooled in fp32) + S (2 b Hkv Kh + 8)
+  summaries (L > w)        8 T (the row index both poolings select by) + S (2 b Hkv Kh + 8)
   CP attention frame       (w - 1) (2 b Hq Kh + 2 b Hkv Kh + f Hq)   (q, k, v, out, lse of the halo)
   CP SSM state correction  T (2 f H + f)   (the decays [T, H] twice, the first-document mask)
                            + f H P N (r + 1) + [r >= 2] f cp (H P N + H)   (the folded states,
@@ -427,7 +427,9 @@ def row_extra_bytes(
     attention = 0.0
     if a.n_global > 0 and length > a.window:
         n_sum = (length - 1) // a.summary_chunk  # visible_chunk_summaries' slots
-        pooling = t * (8 + 2 * f * hkv * kh)  # k and v pooled in fp32, one shared gather index
+        # the int64 row index k and v are pooled by (index_select keeps no input for backward;
+        # the element-wise gather it replaced kept the fp32 copies of k and v, 2 f Hkv Kh)
+        pooling = t * 8
         attention += pooling + n_sum * (2 * b * hkv * kh + 8)  # + the summaries' k, v, counts
     if cp == 1:
         return {"attention": attention, "ssm": 0.0}
