@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +24,30 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Runs of the FAST tiny Hydra (tests/pretrain/trainer_helpers.py) that several test modules
+# need in exactly the same form: trained once per session instead of once per module.
+
+
+@pytest.fixture(scope="session")
+def hydra_fast_one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps in one process on the global batch of 4 rows, with the first step's gradients
+    and the final parameters dumped: the single-process reference of the parallel tests."""
+    from tests.pretrain.trainer_helpers import run_training
+
+    run_dir = tmp_path_factory.mktemp("hydra_fast_one_process")
+    env = {"HYDRA_TEST_DUMP_PARAMS": "1", "HYDRA_TEST_DUMP_GRADS": "1"}
+    run_training(run_dir, "train.batch_size=4", "train.grad_accum=1", env=env)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def hydra_fast_stopped_at_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run in one process, stopped after step 3 with a checkpoint: copy it (shutil
+    .copytree) before resuming it in another layout."""
+    from tests.pretrain.trainer_helpers import run_training
+
+    run_dir = tmp_path_factory.mktemp("hydra_fast_stopped_at_3")
+    run_training(run_dir, "train.batch_size=4", "train.grad_accum=1", stop_at=3)
+    return run_dir

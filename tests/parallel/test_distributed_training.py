@@ -67,10 +67,10 @@ DUMP = {"HYDRA_TEST_DUMP_PARAMS": "1"}
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single")
-    run_training(run_dir, *GLOBAL_BATCH_1, env=DUMP)
-    return run_dir
+def single_process(hydra_fast_one_process: Path) -> Path:
+    """6 steps in one process on GLOBAL_BATCH_1 (tests/conftest.py: shared with the
+    expert-parallel tests, the same run)."""
+    return hydra_fast_one_process
 
 
 FSDP2 = ("parallel.backend=fsdp2",)
@@ -207,7 +207,7 @@ def test_two_rank_zero2_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_checkpoint_moves_between_world_sizes(
-    tmp_path: Path, single_process: Path, fsdp2_stopped: Path
+    tmp_path: Path, single_process: Path, fsdp2_stopped: Path, hydra_fast_stopped_at_3: Path
 ) -> None:
     """FSDP2 with the PKM table split over 2, 1 or 4 ranks; every move resumes equal."""
     # 2 ranks -> 1 rank: model, optimizer and the data position carry over.
@@ -215,9 +215,9 @@ def test_checkpoint_moves_between_world_sizes(
     run_training(two_then_one, *GLOBAL_BATCH_1, env=DUMP)
     _assert_same_training(single_process, two_then_one)
     # 1 rank -> 2 ranks.
-    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_1, stop_at=3)
-    run_training(tmp_path / "one_then_two", *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=DUMP)
-    _assert_same_training(single_process, tmp_path / "one_then_two")
+    one_then_two = _copy_of(hydra_fast_stopped_at_3, tmp_path / "one_then_two")  # GLOBAL_BATCH_1
+    run_training(one_then_two, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=DUMP)
+    _assert_same_training(single_process, one_then_two)
     # 2 ranks -> 4 ranks: each of the PKM table's 2 column shards is split in two.
     two_then_four = _copy_of(fsdp2_stopped, tmp_path / "two_then_four")
     run_training(two_then_four, *GLOBAL_BATCH_4, *FSDP2, nproc=4, env=DUMP)

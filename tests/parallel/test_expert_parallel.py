@@ -11,6 +11,7 @@ gradient (gathered from its shards) rtol 1e-4, parameters after 6 AdamW steps as
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,10 @@ def single_token_routing(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_chunk_routing(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single_chunk")
-    run_training(run_dir, *_rows_per_rank(1), env=GRADS)
-    return run_dir
+def single_chunk_routing(hydra_fast_one_process: Path) -> Path:
+    """One process, _rows_per_rank(1), GRADS: the run tests/conftest.py shares with
+    ``test_distributed_training.py``."""
+    return hydra_fast_one_process
 
 
 def test_one_process_is_the_model_of_before(single_chunk_routing: Path) -> None:
@@ -115,13 +116,16 @@ def test_four_ranks_match_one_process(
     assert [r.get("comm/pkm/replica_all_reduce/messages") for r in rows] == [1.0] * 6
 
 
-def test_checkpoint_moves_between_ep_layouts(tmp_path: Path, single_chunk_routing: Path) -> None:
+def test_checkpoint_moves_between_ep_layouts(
+    tmp_path: Path, single_chunk_routing: Path, hydra_fast_stopped_at_3: Path
+) -> None:
     # EP=2 -> EP=1: experts, their Adam moments, the routing bias and the data position.
     run_training(tmp_path / "ep2_then_1", *_rows_per_rank(2), *EP2, nproc=2, stop_at=3)
     run_training(tmp_path / "ep2_then_1", *_rows_per_rank(1), env=DUMP)
     _assert_same_training(single_chunk_routing, tmp_path / "ep2_then_1")
     # EP=1 -> EP=2
-    run_training(tmp_path / "ep1_then_2", *_rows_per_rank(1), stop_at=3)
+    # (the one-process run stopped after step 3, _rows_per_rank(1), from tests/conftest.py)
+    shutil.copytree(hydra_fast_stopped_at_3, tmp_path / "ep1_then_2")
     run_training(tmp_path / "ep1_then_2", *_rows_per_rank(2), *EP2, nproc=2, env=DUMP)
     _assert_same_training(single_chunk_routing, tmp_path / "ep1_then_2")
 

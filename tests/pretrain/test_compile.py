@@ -26,8 +26,22 @@ T = 160
 CONFIGS = {
     "transformer": ("transformer-29m.yaml",),
     "mamba2": ("mamba2-29m.yaml",),
-    "hydra": ("hydra-tiny.yaml",),  # SSM, sparse global attention, MoE, workspace, PKM
-    "attamba": ("attamba-tiny.yaml", "model.moe.enabled=true", "model.attamba.use_moe=true"),
+    # SSM, sparse global attention, MoE, workspace, PKM: every component in 2 blocks (as the
+    # trainer tests' FAST config), where the 4 of hydra-tiny are 3 distinct blocks to trace
+    "hydra": (
+        "hydra-tiny.yaml",
+        "model.n_layers=2",
+        "model.workspace.after_blocks=[1]",
+        "model.pkm.after_blocks=[0]",
+    ),
+    # 2 of the 4 layers: cyclic chunking still gives an aligned layer and a shifted one
+    # (offsets 0 and 2), and each distinct layer costs one more Dynamo trace
+    "attamba": (
+        "attamba-tiny.yaml",
+        "model.moe.enabled=true",
+        "model.attamba.use_moe=true",
+        "model.n_layers=2",
+    ),
     "dreamer": ("dreamer-tiny.yaml",),  # one shared layer looped over depth
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 import subprocess
@@ -32,16 +33,61 @@ STAGES = (
 )
 
 
+# The Hydra runs of the resume test double as the MLflow tests' runs (one training each, several
+# checks): the uninterrupted run reports to an unreachable store, the interrupted and resumed one
+# to a SQLite store. Tracking is a side channel, so the losses must still agree bitwise.
+UNREACHABLE_MLFLOW = (
+    "tracking.enabled=true",
+    "tracking.uri=http://127.0.0.1:9",
+    "tracking.system_metrics=false",
+    "tracking.run_id_wait_s=0",  # no run will ever exist: do not wait for one
+)
+SQLITE_MLFLOW = (
+    "tracking.enabled=true",
+    "tracking.system_metrics=false",
+    "run.plot=true",
+    # on a busy machine a new sqlite store can take longer than the default 10 s to create;
+    # the wait ends as soon as the run exists
+    "tracking.run_id_wait_s=600",
+)
+
+
+@pytest.fixture(scope="module")
+def hydra_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 uninterrupted steps of the tiny Hydra, tracked to a store that refuses connections."""
+    run_dir = tmp_path_factory.mktemp("hydra_full")
+    run_training(run_dir, *UNREACHABLE_MLFLOW)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def hydra_split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The same run stopped after step 3 and resumed, tracked in its own SQLite store; with the
+    number of steps logged before the resume."""
+    tracked = SQLITE_MLFLOW if importlib.util.find_spec("mlflow") else ()
+    run_dir = tmp_path_factory.mktemp("hydra_split")
+    run_training(run_dir, *tracked, stop_at=3)
+    logged_before_resume = len(losses(run_dir))
+    run_training(run_dir, *tracked)
+    return run_dir, logged_before_resume
+
+
 @pytest.mark.parametrize("config", [TINY, ATTAMBA_TINY], ids=["hydra", "attamba"])
 def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(
-    tmp_path: Path, config: str
+    tmp_path: Path, config: str, request: pytest.FixtureRequest
 ) -> None:
-    run_training(tmp_path / "full", config=config)
-    run_training(tmp_path / "split", stop_at=3, config=config)
-    assert len(losses(tmp_path / "split")) == 3
-    run_training(tmp_path / "split", config=config)
-    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bitwise, not approx
-    assert len(losses(tmp_path / "full")) == 6
+    if config == TINY:
+        full = request.getfixturevalue("hydra_full")
+        split, logged_before_resume = request.getfixturevalue("hydra_split")
+    else:
+        full, split = tmp_path / "full", tmp_path / "split"
+        run_training(full, config=config)
+        run_training(split, stop_at=3, config=config)
+        logged_before_resume = len(losses(split))
+        run_training(split, config=config)
+    assert logged_before_resume == 3
+    assert losses(split) == losses(full)  # bitwise, not approx
+    assert len(losses(full)) == 6
 
 
 # A depth drawn per step in [2, 4] after a 2-step stage at depth 1, over 2 micro-batches
@@ -66,21 +112,33 @@ def test_dreamer_resume_with_a_depth_drawn_per_step_is_exact(tmp_path: Path) -> 
     assert set(drawn) - {1, 3}, drawn  # the draws differ from the stage's and the eval depth
 
 
-def test_checkpoints_disabled_writes_none(tmp_path: Path) -> None:
-    run_training(tmp_path, STAGES, "checkpoint.enabled=false", "checkpoint.every=2")
-    assert len(losses(tmp_path)) == 6
-    assert not list((tmp_path / "checkpoints").glob("step_*"))
+@pytest.fixture(scope="module")
+def stages_without_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The staged run with checkpoints disabled (even with every=2): the uninterrupted reference
+    of the curriculum resume test too, since checkpointing must not change the losses."""
+    run_dir = tmp_path_factory.mktemp("stages")
+    run_training(run_dir, STAGES, "checkpoint.enabled=false", "checkpoint.every=2")
+    return run_dir
 
 
-def test_curriculum_stages_switch_at_configured_steps_and_survive_resume(tmp_path: Path) -> None:
-    run_training(tmp_path / "full", STAGES, "checkpoint.keep_last=10")
-    stages = [row["stage"] for row in logged_rows(tmp_path / "full") if "loss" in row]
+def test_checkpoints_disabled_writes_none(stages_without_checkpoints: Path) -> None:
+    assert len(losses(stages_without_checkpoints)) == 6
+    assert not list((stages_without_checkpoints / "checkpoints").glob("step_*"))
+
+
+def test_curriculum_stages_switch_at_configured_steps_and_survive_resume(
+    tmp_path: Path, stages_without_checkpoints: Path
+) -> None:
+    full = stages_without_checkpoints
+    stages = [row["stage"] for row in logged_rows(full) if "loss" in row]
     assert stages == [0, 0, 1, 1, 2, 2]
-    run_training(tmp_path / "split", STAGES, stop_at=3)  # stop inside stage 1
-    run_training(tmp_path / "split", STAGES)
-    assert losses(tmp_path / "split") == losses(tmp_path / "full")
-    saved = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step_*"))
-    assert {"step_00000002", "step_00000004"} <= set(saved)  # stage changes are checkpointed
+    split = ("checkpoint.keep_last=10",)  # (checkpoint.every=0: only stage changes, stop, end)
+    run_training(tmp_path / "split", STAGES, *split, stop_at=3)  # stop inside stage 1
+    run_training(tmp_path / "split", STAGES, *split)
+    assert losses(tmp_path / "split") == losses(full)
+    saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("step_*"))
+    # stage changes are checkpointed: step 2 before the stop at 3, step 4 after the resume
+    assert {"step_00000002", "step_00000004"} <= set(saved)
 
 
 def test_stage_components_are_really_switched(tmp_path: Path) -> None:
@@ -233,29 +291,15 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_error(
         build_trainer(cfg, DistInfo(), log=lambda m: None).run()
 
 
-def test_unreachable_mlflow_does_not_stop_training(tmp_path: Path) -> None:
-    run_training(
-        tmp_path,
-        "tracking.enabled=true",
-        "tracking.uri=http://127.0.0.1:9",
-        "tracking.system_metrics=false",
-        "tracking.run_id_wait_s=0",  # no run will ever exist: do not wait for one
-    )
-    assert len(losses(tmp_path)) == 6
+def test_unreachable_mlflow_does_not_stop_training(hydra_full: Path) -> None:
+    assert len(losses(hydra_full)) == 6
 
 
-def test_mlflow_run_continues_after_resume_without_duplicate_steps(tmp_path: Path) -> None:
+def test_mlflow_run_continues_after_resume_without_duplicate_steps(
+    hydra_split: tuple[Path, int],
+) -> None:
     mlflow = pytest.importorskip("mlflow")
-    extra = (
-        "tracking.enabled=true",
-        "tracking.system_metrics=false",
-        "run.plot=true",
-        # on a busy machine a new sqlite store can take longer than the default 10 s to create;
-        # the wait ends as soon as the run exists
-        "tracking.run_id_wait_s=600",
-    )
-    run_training(tmp_path, *extra, stop_at=3)
-    run_training(tmp_path, *extra)
+    tmp_path, _ = hydra_split  # stopped after step 3, then resumed
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
