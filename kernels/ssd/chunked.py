@@ -132,8 +132,8 @@ def _load_block(
 
 
 # On CPU, exp of an argument below about -87 (a result under fp32's smallest normal number)
-# or of -inf takes a slow path: 50-180x the time of an in-range one (torch 2.13, AVX-512,
-# flush-to-zero or not). Decays are therefore floored at e^-80 (~2e-35, far below the
+# or of -inf takes a slow path: 50-145x (-inf: 14x) the time of an in-range one (torch 2.13,
+# AVX-512, flush-to-zero or not; benchmarks/exp_ranges.py). Decays are therefore floored at e^-80 (~2e-35, far below the
 # rounding of any sum they join) and masked by multiplying with 0/1, never by -inf.
 _LOG_FLOOR = -80.0
 
