@@ -93,6 +93,7 @@ from benchmarks.throughput import (  # noqa: E402
     quick_overrides,
     read_batches,
 )
+from kernels.cpu import describe as describe_cpu_kernels  # noqa: E402
 from pretrain.flops import component_breakdown, count_flops  # noqa: E402
 from pretrain.loss import lm_loss  # noqa: E402
 from pretrain.models.common.moe import ChunkMoE, GroupedExperts  # noqa: E402
@@ -605,6 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "seed": args.seed,
             "malloc_policy": MALLOC_POLICY,
+            "cpu_kernels": describe_cpu_kernels(),
             "components": COMPONENTS,
         },
         "models": {

@@ -86,6 +86,7 @@ from benchmarks._measure import (  # noqa: E402
 )
 from data_pipeline.reader import build_reader  # noqa: E402
 from kernels.backends import BACKENDS, select_backends  # noqa: E402
+from kernels.cpu import describe as describe_cpu_kernels  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.data_config import reader_config  # noqa: E402
 from pretrain.flops import FlopCount, count_flops  # noqa: E402
@@ -648,6 +649,7 @@ def _settings(
         "seed": args.seed,
         "baseline": baseline,
         "malloc_policy": MALLOC_POLICY,
+        "cpu_kernels": describe_cpu_kernels(),
         "inputs": (
             "packed-document batches of each config's data section from the trainer's reader"
             " (reader_config + build_reader, seed train.seed, seq_len = length); the model gets"

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.ssd.head_parallel import HeadSlice, head_parts, join_heads, run_parts, sum_in_order
 from kernels.ssd.ref import _accum_dtype, _check_inputs, _pad_time, document_ids
 
 # a block's [b, K, H, L, L] tensors hold about this many elements (1 MiB each in fp32): with 2
@@ -412,7 +413,20 @@ def _ssd_bounded_fwd(
     chunk_size: int,
     block_chunks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ssd_forward(x, dt, A, B, C, initial_state, doc, chunk_size, block_chunks)
+    G = B.shape[2]
+    parts = head_parts(x.shape[2] // G, x.device)
+    if parts == 1:
+        return _ssd_forward(x, dt, A, B, C, initial_state, doc, chunk_size, block_chunks)
+
+    def part(j: int) -> tuple[torch.Tensor, ...]:
+        pick = HeadSlice(G, parts, j)
+        init = None if initial_state is None else pick(initial_state, 1)
+        return _ssd_forward(
+            pick(x, 2), pick(dt, 2), pick(A, 0), B, C, init, doc, chunk_size, block_chunks
+        )
+
+    y, final, states = zip(*run_parts(part, parts))
+    return join_heads(y, G, 2), join_heads(final, G, 1), join_heads(states, G, 2)
 
 
 @_ssd_bounded_fwd.register_fake
@@ -442,7 +456,23 @@ def _ssd_bounded_bwd(
     chunk_size: int,
     block_chunks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ssd_backward(dy, dfinal, x, dt, A, B, C, doc, states, chunk_size, block_chunks)
+    G = B.shape[2]
+    parts = head_parts(x.shape[2] // G, x.device)
+    if parts == 1:
+        return _ssd_backward(dy, dfinal, x, dt, A, B, C, doc, states, chunk_size, block_chunks)
+
+    def part(j: int) -> tuple[torch.Tensor, ...]:
+        pick = HeadSlice(G, parts, j)
+        dy_j = None if dy is None else pick(dy, 2)
+        dfinal_j = None if dfinal is None else pick(dfinal, 1)
+        return _ssd_backward(
+            dy_j, dfinal_j, pick(x, 2), pick(dt, 2), pick(A, 0), B, C, doc, pick(states, 2),
+            chunk_size, block_chunks,
+        )  # fmt: skip
+
+    gx, gdt, gA, gB, gC, g_init = zip(*run_parts(part, parts))
+    heads = (join_heads(gx, G, 2), join_heads(gdt, G, 2), join_heads(gA, G, 0))
+    return (*heads, sum_in_order(gB), sum_in_order(gC), join_heads(g_init, G, 1))
 
 
 @_ssd_bounded_bwd.register_fake

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu import elementwise as native
+from kernels.cpu import runs_natively
 from pretrain.models.common.blocking import block_rows
 
 
@@ -170,6 +172,9 @@ def causal_conv_silu(
         [B, T, X] fp32 (fp64 for fp64 ``x``).
     """
     with torch.autocast(x.device.type, enabled=False):
+        lib = runs_natively(x, weight, bias, prefix)
+        if lib is not None:  # one fused pass per direction (kernels/cpu)
+            return native.CausalConvSiLU.apply(lib, x, weight, bias, prefix, doc)
         return _CausalConvSiLU.apply(x, weight, bias, prefix, doc)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu import elementwise as native
+from kernels.cpu import runs_natively
 from pretrain.models.common.blocking import block_rows, row_slices
 
 
@@ -110,8 +112,13 @@ def rms_norm(
     shape, E = x.shape, x.shape[-1]
     rows = x.reshape(-1, E)
     gate_rows = None if gate is None else gate.reshape(-1, E)
+    out_dtype = out_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        out = _RMSNorm.apply(rows, gate_rows, weight, group_size or E, eps, out_dtype or x.dtype)
+        lib = runs_natively(rows, gate_rows, weight) if out_dtype == x.dtype else None
+        if lib is not None:  # one fused pass per direction (kernels/cpu)
+            out = native.RMSNorm.apply(lib, rows, gate_rows, weight, group_size or E, eps)
+        else:
+            out = _RMSNorm.apply(rows, gate_rows, weight, group_size or E, eps, out_dtype)
     return out.view(shape)
 
 
