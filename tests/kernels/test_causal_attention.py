@@ -226,6 +226,26 @@ def test_allocation_probe_sees_the_dense_mask() -> None:
     assert _largest_allocation(document_causal_attention_ref, T, seq_idx) >= T * T
 
 
+def test_cpu_training_keeps_no_block_mask_for_backward() -> None:
+    """The CPU path rebuilds each block's mask in backward: what autograd keeps is q, k, v, the
+    outputs, their log-sum-exps and the document ids, O(T), never a [b, 1, W, e] mask (SDPA's
+    own autograd keeps it: O(T^2) per layer); gradients as the dense reference's."""
+    T, block, K = 96, 32, 8
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(1, T, 2, 2, K, torch.float32, gen)
+    seq_idx = _packing("block_edges", 1, T, block, gen)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = document_causal_attention(q, k, v, seq_idx, backend="torch", block=block)
+    masks = [t for t in saved if t.dim() == 4 and t.shape[-1] != K]
+    assert saved and not masks, [tuple(t.shape) for t in masks]
+    out.backward(torch.ones_like(out))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _dense_reference(*leaves, seq_idx).backward(torch.ones(q.shape, dtype=F64))
+    for got, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), ref.grad, **TOL[torch.float32])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flex_on_gpu_forward_and_backward() -> None:
