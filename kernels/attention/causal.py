@@ -19,8 +19,8 @@ Paths of ``document_causal_attention``:
   are never scored (about half of the T x T products). SDPA's own autograd would keep each
   block's mask for its backward (the CPU kernel as an additive fp32 mask: b * T * (T + W) / 2 *
   4 bytes in all, 2.2 GB per layer at 32K); CPU training (fp32/fp64, no GQA, eager) therefore
-  calls the CPU flash kernels through ``_CPUBlockAttention``, which rebuilds the mask from the
-  document ids in backward, so what is kept is O(T). The backward of each key/value prefix
+  calls the CPU flash kernels through ``cpu_flash.attend_rebuilding_inputs``, which rebuilds
+  the mask from the document ids in backward, so what is kept is O(T). The backward of each key/value prefix
   slice is still a zero-filled [b, Hkv, T, K] gradient (T / W of them per tensor).
 * ``flex`` (CUDA): FlexAttention with a document-causal ``mask_mod``, compiled
   (``kernels.attention.flex.flex_over_keys``); its block mask skips every 128 x 128 tile that
@@ -32,11 +32,13 @@ elsewhere, logged once per device type on the ``kernels`` logger.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
+from kernels.attention.cpu_flash import additive_mask, attend_rebuilding_inputs, runs_on_cpu_flash
 from kernels.attention.flex import flex_over_keys
 from kernels.attention.ref import document_ids
 from kernels.backends import BackendUnavailableError, import_problem
@@ -146,8 +148,9 @@ def _blocked(
     for i, q_blk in enumerate(q_.split(W, dim=2)):  # T is static: the same blocks for any packing
         s, e = i * W, min(T, (i + 1) * W)
         k_blk, v_blk = k_[:, :, :e], v_[:, :, :e]
-        if _recomputes_mask(q_blk, gqa):
-            outs.append(_CPUBlockAttention.apply(q_blk, k_blk, v_blk, doc, s, scale))
+        if runs_on_cpu_flash(q_blk, gqa):  # the mask rebuilt in backward, not kept
+            build = functools.partial(_causal_block_inputs, start=s)
+            outs.append(attend_rebuilding_inputs(build, q_blk, k_blk, v_blk, doc, scale=scale))
             continue
         mask = _block_mask(doc, pos, s, e)
         outs.append(
@@ -165,50 +168,13 @@ def _block_mask(doc: torch.Tensor, pos: torch.Tensor, s: int, e: int) -> torch.T
     return (causal & same_doc)[:, None]
 
 
-def _recomputes_mask(q: torch.Tensor, gqa: bool) -> bool:
-    """The CPU training path that rebuilds each block's mask in backward (``_CPUBlockAttention``)
-    instead of letting SDPA keep it: eager, fp32/fp64, no GQA (the CPU flash op has none)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.float64)
-        and not gqa
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _additive_mask(doc: torch.Tensor, s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
-    pos = torch.arange(e, device=doc.device)
-    allowed = _block_mask(doc, pos, s, e)
-    return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill_(
-        ~allowed, float("-inf")
-    )
-
-
-class _CPUBlockAttention(torch.autograd.Function):
-    """One query block of ``_blocked`` on the CPU flash kernels, its mask rebuilt in backward
-    from the document ids: SDPA's own autograd keeps each block's additive fp32 mask, b * W * e
-    * 4 bytes (O(T^2) per layer: 2.2 GB per layer at 32K), which kept the Transformer baseline
-    from running 32K tokens in 24 GiB. Same kernels, same FLOPs; what is kept is O(T)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, doc, s, scale):  # noqa: ANN001, ANN205
-        mask = _additive_mask(doc, s, k.shape[2], q.dtype)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, doc, out, lse)
-        ctx.s, ctx.scale = s, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, doc, out, lse = ctx.saved_tensors
-        mask = _additive_mask(doc, ctx.s, k.shape[2], q.dtype)
-        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
-        )
-        return gq, gk, gv, None, None, None
+def _causal_block_inputs(
+    k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, *, start: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values and the additive mask of the query block starting at ``start``."""
+    e = k.shape[2]
+    mask = _block_mask(doc, torch.arange(e, device=doc.device), start, e)
+    return k, v, additive_mask(mask, k.dtype)
 
 
 def _flex(

@@ -39,11 +39,14 @@ unnormalised parts merged by log-sum-exp, a group of blocks at a time under a fi
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from kernels.attention.cpu_flash import additive_mask, attend_rebuilding_inputs, runs_on_cpu_flash
 
 # document ids given to padding positions (real documents are numbered 0, 1, ...)
 _FRONT_PAD_DOC = -1
@@ -583,6 +586,26 @@ def _local_mask(doc: torch.Tensor, n: int, blk: int, window: int) -> torch.Tenso
     return (j >= lo_rel.to(torch.int32)[..., None]) & causal
 
 
+def _block_inputs(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    visible: torch.Tensor,
+    *,
+    blk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query block's keys and values [b*n, Hkv, L, K] (previous block, own block, its
+    summaries) and the additive mask [b*n, 1, W, L] in k's dtype, from ``visible`` [b, n, W, L]."""
+    b, n, _, n_keys = visible.shape
+    hkv, K = k.shape[2:]
+    mask = additive_mask(visible, k.dtype).view(b * n, 1, blk, n_keys)
+    # [b*n, L, Hkv, K] seen as [b*n, Hkv, L, K]: the flash kernel reads this layout as is
+    k_all = _BlockKeys.apply(k, extra_k, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
+    v_all = _BlockKeys.apply(v, extra_v, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
+    return k_all, v_all, mask
+
+
 def _attend_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -614,20 +637,22 @@ def _attend_blocks(
     if glob is not None:
         extra_k, extra_v, glob_mask = glob
         visible = torch.cat([visible, glob_mask], dim=-1)
-    n_keys = visible.shape[-1]
-    # additive mask in q's dtype: what SDPA would convert a boolean one to, built in one pass
-    mask = torch.where(visible, 0.0, float("-inf")).to(q.dtype).view(b * n, 1, blk, n_keys)
-    # [b*n, L, Hkv, K] seen as [b*n, Hkv, L, K]: the flash kernel reads this layout as is
-    k_all = _BlockKeys.apply(k, extra_k, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
-    v_all = _BlockKeys.apply(v, extra_v, blk).view(b * n, n_keys, hkv, K).transpose(1, 2)
+    q_blocks = q.reshape(b * n, blk, H, K).transpose(1, 2)
     gqa = hkv != H
+    if runs_on_cpu_flash(q_blocks, gqa):  # the gathers and the mask rebuilt in backward
+        build = functools.partial(_block_inputs, blk=blk)
+        out = attend_rebuilding_inputs(
+            build, q_blocks, k, v, extra_k, extra_v, visible, scale=scale
+        )
+        return out.transpose(1, 2).reshape(b, n_pos, H, K)
+    k_all, v_all, mask = _block_inputs(k, v, extra_k, extra_v, visible, blk=blk)
     if gqa and q.device.type != "cpu":
         # CUDA's masked (memory-efficient) kernel takes no GQA: SDPA would fall back to math
         k_all = k_all.repeat_interleave(H // hkv, dim=1)
         v_all = v_all.repeat_interleave(H // hkv, dim=1)
         gqa = False
     out = F.scaled_dot_product_attention(
-        q.reshape(b * n, blk, H, K).transpose(1, 2),
+        q_blocks,
         k_all,
         v_all,
         attn_mask=mask,

@@ -218,6 +218,38 @@ def test_cpu_path_runs_the_flash_kernel_forward_and_backward():
     assert not {name for name in mode.names if "softmax" in name or "bmm" in name}, mode.names
 
 
+def test_cpu_training_keeps_block_gathers_and_mask_out_of_backward():
+    """Equal head counts in training on CPU: the flash kernels run through
+    ``attend_rebuilding_inputs``, so autograd keeps k, v, the summaries and a boolean
+    visibility, not each block's gathered keys/values or its additive fp32 mask; the gradients
+    are the dense reference's."""
+    gen = torch.Generator().manual_seed(9)
+    b, T, H, K, window, chunk = 2, 45, 2, 8, 8, 4
+    q, k, v = (t.float().requires_grad_(True) for t in _inputs(b, T, H, H, K, gen))
+    seq_idx = _packed_seq_idx(b, T, gen)
+    summ = build_chunk_summaries(k, v, chunk, _doc_positions(seq_idx, b, T))
+    saved: list[torch.Tensor] = []
+    with _OpNames() as mode:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = sparse_global_attention(q, k, v, summ, window=window, n_global=3, seq_idx=seq_idx)
+        out.sum().backward()
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward.default" in mode.names
+    n_blocks = -(-T // window)
+    # per block [b*n, ...]: q and the output are [.., W, K]; gathers [.., L, K], masks [.., W, L]
+    per_block = [t for t in saved if t.dim() == 4 and t.shape[0] == b * n_blocks]
+    kept = [t for t in per_block if t.is_floating_point() and t.shape[-2:] != (window, K)]
+    assert not kept, [tuple(t.shape) for t in kept]
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    summ_ref = build_chunk_summaries(leaves[1], leaves[2], chunk, _doc_positions(seq_idx, b, T))
+    ref = sparse_global_attention_dense_ref(
+        *leaves, summ_ref, window=window, n_global=3, seq_idx=seq_idx
+    )
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
 class _LargestAllocation(TorchDispatchMode):
     """Records the largest storage (in elements) behind any tensor an op returns."""
 
