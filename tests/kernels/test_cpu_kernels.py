@@ -73,6 +73,11 @@ def test_only_cpu_float_tensors_of_one_dtype_run_natively(monkeypatch: pytest.Mo
     assert native.runs_natively(torch.randn(2, device="meta")) is None
 
 
+def test_a_group_size_that_does_not_divide_the_width_is_refused() -> None:
+    with pytest.raises(ValueError, match="group_size 4 does not divide the width 10"):
+        rms_norm(torch.randn(3, 10), torch.ones(10), 1e-5, group_size=4)
+
+
 def test_loading_leaves_denormals_alone() -> None:
     """-ffast-math at link time would turn on flush-to-zero for the whole process at load."""
     assert native.native_kernels() is not None

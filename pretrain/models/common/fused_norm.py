@@ -110,6 +110,8 @@ def rms_norm(
         [..., E] in ``out_dtype``; the math runs in fp32 (fp64 for fp64 ``x``).
     """
     shape, E = x.shape, x.shape[-1]
+    if E % (group_size or E):
+        raise ValueError(f"group_size {group_size} does not divide the width {E}")
     rows = x.reshape(-1, E)
     gate_rows = None if gate is None else gate.reshape(-1, E)
     out_dtype = out_dtype or x.dtype
