@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.gating import silu_mul
 from kernels.moe.grouped_mm import TORCH_GROUPED_MM, grouped_mm_traceable
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,7 +141,7 @@ def swiglu_experts_loop(
     if x_sorted.shape[0] == 0:
         # no rows: still a result of the inputs, so that autograd reaches every rank's
         # collectives around it (expert parallelism's all-to-alls run in backward on all ranks)
-        return (F.silu(x_sorted @ w1[0]) * (x_sorted @ w3[0])) @ w2[0]
+        return silu_mul(x_sorted @ w1[0], x_sorted @ w3[0]) @ w2[0]
     outs = []
     start = 0
     # one host sync for the ragged sizes; the loop skips empty experts entirely
@@ -148,7 +149,7 @@ def swiglu_experts_loop(
         if count == 0:
             continue
         x_e = x_sorted[start : start + count]
-        outs.append((F.silu(x_e @ w1[e]) * (x_e @ w3[e])) @ w2[e])
+        outs.append(silu_mul(x_e @ w1[e], x_e @ w3[e]) @ w2[e])
         start += count
     return torch.cat(outs)
 
@@ -213,9 +214,29 @@ def combine_pairs(
     """
     # no early return for M = 0: the result stays connected to ``out_sorted``, so a rank with
     # no rows still runs the backward of the collectives that produced them
-    out_sorted = out_sorted * weight_of_pair[:, None]  # [M, D]
-    y = out_sorted.new_zeros(x.shape)
-    return y.index_add_(0, token_of_pair, out_sorted)
+    return _WeightedScatterAdd.apply(out_sorted, weight_of_pair, token_of_pair, x.shape[0])
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """``zeros[n, D].index_add_(0, token, out * weight[:, None])``, keeping only ``out``, the
+    weights and the indices for backward: autograd through the two ops also kept the weighted
+    copy (``index_add_`` saves its source), one more [M, D] tensor per MoE layer."""
+
+    @staticmethod
+    def forward(ctx, out, weight, token, n_tokens):  # noqa: ANN001, ANN205
+        dtype = torch.promote_types(out.dtype, weight.dtype)
+        y = out.new_zeros((n_tokens, out.shape[1]), dtype=dtype)
+        y.index_add_(0, token, out * weight[:, None])
+        ctx.save_for_backward(out, weight, token)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        out, weight, token = ctx.saved_tensors
+        rows = grad.index_select(0, token)  # [M, D]: each pair's share of its token's gradient
+        g_out = (rows * weight[:, None]).to(out.dtype) if ctx.needs_input_grad[0] else None
+        g_weight = (rows * out).sum(-1).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return g_out, g_weight, None, None
 
 
 def grouped_mm_problem(x: torch.Tensor, w1: torch.Tensor) -> str | None:
@@ -291,7 +312,7 @@ def swiglu_experts_grouped_mm(
         gmm = TORCH_GROUPED_MM
     else:  # the same CPU kernel, behind an op whose shapes trace in fp32 too (see grouped_mm.py)
         gmm = grouped_mm_traceable
-    hidden = F.silu(gmm(x_sorted, w1, offs=offs)) * gmm(x_sorted, w3, offs=offs)
+    hidden = silu_mul(gmm(x_sorted, w1, offs=offs), gmm(x_sorted, w3, offs=offs))
     # grouped_mm's backward rejects zero-stride gradients (e.g. from y.sum()); the gradient that
     # reaches it here is always dense because combine_pairs multiplies by the per-pair weights
     return gmm(hidden, w2, offs=offs)  # [M, D]

@@ -63,6 +63,33 @@ def test_sorted_matches_loop_ref_fp64(n: int, k: int, n_experts: int, used: list
     assert all(g[2][e].abs().max() > 0 for e in used)
 
 
+@pytest.mark.parametrize("fn", [moe_experts_sorted, moe_experts_grouped_mm])
+def test_backward_keeps_no_weighted_copy_and_no_silu_output(fn) -> None:
+    """Kept for backward, per expert: its two projections and their gated product (not silu of
+    the first as well); of the [M, D] pair rows: the gathered inputs and the expert outputs (not
+    their weighted copy as well)."""
+    n, k, E, d, f, used = 23, 2, 4, 8, 12, [0, 1, 2, 3]
+    x, idx, weights, w1, w3, w2 = _inputs(n, k, E, d, f, used, torch.float32, seed=5)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w3, w2)]
+    saved: dict[int, torch.Tensor] = {}
+
+    weights_storages = {t.untyped_storage().data_ptr() for t in leaves[2:]}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights_storages:  # w1[e] etc.: views
+            saved.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*leaves[:1], idx, *leaves[1:])
+    hidden = [t for t in saved.values() if t.dim() == 2 and t.shape[-1] == f and t.shape[0] > 0]
+    pair_rows = [t for t in saved.values() if tuple(t.shape) == (n * k, d)]
+    experts = len(used) if fn is moe_experts_sorted else 1  # the loop: one slice per expert
+    assert len(hidden) <= 3 * experts, [tuple(t.shape) for t in hidden]
+    assert len(pair_rows) <= 2, [tuple(t.shape) for t in pair_rows]
+    y.sum().backward()
+
+
 def test_sorted_weights_scale_linearly_and_repeats_add() -> None:
     """Two slots on the same expert with weights a, b equal one slot with weight a + b."""
     x, _, _, w1, w3, w2 = _inputs(5, 2, 3, d=4, f=8, used=[1], dtype=torch.float64, seed=0)

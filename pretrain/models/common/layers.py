@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gating import silu_mul
 from pretrain.models.common.fused_norm import rms_norm
 
 
@@ -56,26 +57,6 @@ class SwiGLU(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (the sum of ``flops_breakdown``)."""
         return sum(self.flops_breakdown(seq_len).values())
-
-
-class _SiLUMul(torch.autograd.Function):
-    """``silu(a) * b`` saving only a and b: autograd through the two ops also kept silu(a), one
-    more [B, T, F] tensor per feed-forward layer; backward recomputes it instead."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(a, b)
-        return F.silu(a).mul_(b)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        a, b = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
-
-
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's gating ``silu(a) * b`` for same-shaped, same-dtype a and b (the two projections)."""
-    return _SiLUMul.apply(a, b)
 
 
 def rope_angles(
