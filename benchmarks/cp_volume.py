@@ -55,8 +55,8 @@ V vocab):
   ffn      norm + out + b D + 3 b F (w1 out, w3 out, w2 input)
   moe      norm + out + 8 (each token's unit start; chunk routing) + b D + 3 f Ex + 12 k + 3 f
            (the router, per token: x in its own dtype, logits, scores, top-k, the balance
-           statistics) + k (b D rows in + 4 b Fe + b D rows out + f D (the fp32 weighted rows
-           the scatter-add keeps) + f (pair weight) + 16 (int64 pair indices))
+           statistics) + k (b D rows in + 3 b Fe (w1 out, w3 out, their gated product) + b D
+           rows out + f (pair weight) + 16 (int64 pair indices))
   head     8 (token ids) + 2 f D + f (final norm) + b D (head input) + f V (the loss's fp32
            log-softmax) + 8 (labels)                                                  once
   workspace, pkm: measured at the model's widths (``measure_path_bytes_per_token``), no closed form.
@@ -402,7 +402,9 @@ def path_bytes_per_token(m: ModelConfig, act_bytes: int = BF16) -> dict[str, flo
     mo = m.moe
     # per token (every token is routed on its unit start's logits: shapes static in T)
     router = b * d + 3 * f * mo.n_experts + 12 * mo.top_k + 3 * f
-    pair = 2 * 8 + 2 * b * d + 4 * b * mo.d_expert + f * d + f
+    # rows in and out, the expert hidden (w1 and w3 outputs, their gated product: silu_mul),
+    # the pair weight, the int64 indices (the weighted scatter-add keeps no weighted copy)
+    pair = 2 * 8 + 2 * b * d + 3 * b * mo.d_expert + f
     unit_start = 8 if mo.routing == "chunk" else 0  # the int64 gather index of chunk routing
     moe = norm + router + unit_start + mo.top_k * pair + out
     return {"ssm": ssm, "attention": attention, "ffn": ffn, "moe": moe}

@@ -326,13 +326,15 @@ def attribute(root: Any, classify: Classifier) -> Attribution:
     the one that created the node).
     """
     result = Attribution()
-    creator: dict[tuple[int, int], str] = {}  # (forward thread, sequence nr) -> component
+    # (forward thread, sequence nr) -> component, or the backward node that created it
+    creator: dict[tuple[int, int], Any] = {}
     in_nodes: list[tuple[Any, Any]] = []  # (event, its autograd node)
     stack: list[tuple[Any, str, Any]] = [(root, "other", None)]
     while stack:  # depth first, children in time order: forward ops are seen in time order
         event, component, node = stack.pop()
         parent = event.cpu_parent.name if event.cpu_parent is not None else ""
         component = classify(event.name, parent) or component
+        outer = node  # the backward node this event runs in, if any
         if event.name.startswith(ENGINE_NODE):
             node = event
         if node is None:
@@ -343,6 +345,11 @@ def attribute(root: Any, classify: Classifier) -> Attribution:
                 creator[(event.thread, event.sequence_nr)] = component
         else:
             in_nodes.append((event, node))
+            if event.sequence_nr >= 0 and outer is not None:
+                # a forward op (or a nested graph's root) run inside a backward, by an op that
+                # rebuilds its inputs there and differentiates through them: the nodes it
+                # creates belong to the node running it
+                creator.setdefault((event.thread, event.sequence_nr), outer)
         stack.extend((child, component, node) for child in reversed(_children(event)))
     node_component = _node_components([n for e, n in in_nodes if e is n], creator, result)
     for event, node in in_nodes:
@@ -354,14 +361,17 @@ def attribute(root: Any, classify: Classifier) -> Attribution:
 
 
 def _node_components(
-    nodes: list[Any], creator: dict[tuple[int, int], str], result: Attribution
+    nodes: list[Any], creator: dict[tuple[int, int], Any], result: Attribution
 ) -> dict[int, str]:
-    """id(node) -> component: its creator's, or (AccumulateGrad) the node run before it's."""
+    """id(node) -> component: its creator's (a node created inside another node's backward: that
+    node's), or (AccumulateGrad) the node run before it's."""
     out: dict[int, str] = {}
     previous = "other"
-    for node in sorted(nodes, key=lambda n: n.time_range.start):
+    for node in sorted(nodes, key=lambda n: n.time_range.start):  # creators start first
         if node.sequence_nr >= 0:
             component = creator.get((node.fwd_thread, node.sequence_nr))
+            if component is not None and not isinstance(component, str):
+                component = out.get(id(component))
             if component is None:
                 result.nodes_unmatched += 1
                 component = "other"
