@@ -51,3 +51,44 @@ def hydra_fast_stopped_at_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("hydra_fast_stopped_at_3")
     run_training(run_dir, "train.batch_size=4", "train.grad_accum=1", stop_at=3)
     return run_dir
+
+
+# Two-rank runs of the same FAST Hydra on the same global batch (2 rows per rank), each trained
+# once per session: the parallel tests compare them with one process, the export tests export
+# their final checkpoints, the DeepSpeed tests resume against the ZeRO-2 run's losses.
+_TWO_RANKS = ("train.batch_size=2",)
+_DUMP_PARAMS = {"HYDRA_TEST_DUMP_PARAMS": "1"}  # final_params.safetensors, table_shapes.json
+
+
+def _two_rank_run(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *backend: str, dump: bool = True
+) -> Path:
+    from tests.pretrain.trainer_helpers import run_training
+
+    run_dir = tmp_path_factory.mktemp(name)
+    run_training(run_dir, *_TWO_RANKS, *backend, nproc=2, env=_DUMP_PARAMS if dump else None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def hydra_fast_fsdp2_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps on 2 FSDP2 ranks, final parameters dumped; read it, never write into it."""
+    return _two_rank_run(tmp_path_factory, "hydra_fast_fsdp2", "parallel.backend=fsdp2")
+
+
+def _deepspeed_run(tmp_path_factory: pytest.TempPathFactory, stage: str, dump: bool) -> Path:
+    config = f"parallel.deepspeed_config=configs/deepspeed/{stage}.json"
+    name = f"hydra_fast_{stage}"
+    return _two_rank_run(tmp_path_factory, name, "parallel.backend=deepspeed", config, dump=dump)
+
+
+@pytest.fixture(scope="session")
+def hydra_fast_zero2_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 uninterrupted steps on 2 DeepSpeed ZeRO-2 ranks (nothing dumped); read it only."""
+    return _deepspeed_run(tmp_path_factory, "zero2", dump=False)
+
+
+@pytest.fixture(scope="session")
+def hydra_fast_zero3_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps on 2 DeepSpeed ZeRO-3 ranks, final parameters dumped; read it only."""
+    return _deepspeed_run(tmp_path_factory, "zero3", dump=True)

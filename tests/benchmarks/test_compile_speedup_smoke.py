@@ -12,6 +12,8 @@ from torch import nn
 import pretrain.models.parallelize as parallelize
 from tests.benchmark_scripts import load_benchmark
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 bench = load_benchmark("compile_speedup.py")
 
 

@@ -23,6 +23,8 @@ from data_pipeline.sources import Mixture
 from data_pipeline.synthetic import build_task, check_sample
 from tests.data_pipeline.conftest import read_windows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -22,6 +22,8 @@ from data_pipeline.shards import Manifest
 from tests.data_pipeline.conftest import make_docs, prepare_docs, read_windows
 from tests.data_pipeline.test_reader import _all, _cfg, _key, _rows, _same, _take
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BAD_SHARD = 1  # of the small dataset: 7 windows, manifest windows 7..13
 
 

@@ -17,6 +17,8 @@ from data_pipeline.synthetic import (
 )
 from data_pipeline.tokens import EOS_ID, IGNORE_INDEX, NUM_SPECIAL, PAD_ID
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ = 192
 TASK_KWARGS = {
     "chaining": {"hops": [1, 2, 4], "n_symbols": 64},

@@ -10,6 +10,8 @@ import re
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import load_tokenizer
 from launch.cli import main as cli_main
@@ -18,6 +20,8 @@ from pretrain.build import build_trainer
 from pretrain.config import load_config
 from tests.pretrain.train_worker import stop_after
 from tests.pretrain.trainer_helpers import FAST, TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

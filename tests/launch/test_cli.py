@@ -22,6 +22,8 @@ from launch.package_check import check_own_packages
 from tests.pretrain.model_helpers import CONFIG_DIR
 from tests.pretrain.trainer_helpers import FAST, free_port, logged_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = str(CONFIG_DIR / "hydra-tiny.yaml")
 
 

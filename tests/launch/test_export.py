@@ -38,13 +38,11 @@ from pretrain.checkpoint.export import (
 from pretrain.config import load_config
 from pretrain.eval import load_checkpoint_model
 from pretrain.models import build_model
-from tests.pretrain.trainer_helpers import FAST, TINY, run_training
+from tests.pretrain.trainer_helpers import FAST, TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BPE_VOCAB = 300  # 16 special ids + 256 bytes + 28 merges
-DUMP = {"HYDRA_TEST_DUMP_PARAMS": "1"}  # the worker writes final_params.safetensors
-TWO_RANKS = ("train.batch_size=2",)
 TEXT = "the quick brown fox jumps over the lazy dog"
 
 
@@ -93,25 +91,20 @@ def dcp_run(tmp_path_factory: pytest.TempPathFactory, bpe_shards: Path) -> tuple
     return run, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def _two_rank_run(tmp_path_factory: pytest.TempPathFactory, name: str, *backend: str) -> tuple:
-    run = tmp_path_factory.mktemp(name)
-    run_training(run, *TWO_RANKS, *backend, nproc=2, env=DUMP)
+# The two-rank runs are tests/conftest.py's (shared with the parallel tests): FAST with 2 rows
+# per rank, the worker dumping final_params.safetensors.
+def _two_rank_run(run: Path) -> tuple[Path, dict]:
     return run, load_file(run / "final_params.safetensors")
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    return _two_rank_run(tmp_path_factory, "fsdp2", "parallel.backend=fsdp2")
+def fsdp2_run(hydra_fast_fsdp2_two_ranks: Path) -> tuple[Path, dict]:
+    return _two_rank_run(hydra_fast_fsdp2_two_ranks)
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    return _two_rank_run(
-        tmp_path_factory,
-        "zero3",
-        "parallel.backend=deepspeed",
-        "parallel.deepspeed_config=configs/deepspeed/zero3.json",
-    )
+def zero3_run(hydra_fast_zero3_two_ranks: Path) -> tuple[Path, dict]:
+    return _two_rank_run(hydra_fast_zero3_two_ranks)
 
 
 def _logits(model: torch.nn.Module, vocab: int) -> torch.Tensor:

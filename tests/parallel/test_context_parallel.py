@@ -26,7 +26,7 @@ from kernels.ssd.ref import ssd_scan_chunked, ssd_scan_sequential
 from kernels.ssd.state_passing import incoming_state, initial_state_output, slice_decay
 from parallel.comm import CommStats
 from parallel.context import ContextGroup
-from tests.parallel.cp_model_check import assert_passed, check_model, spawn_checks
+from tests.parallel.cp_model_check import assert_passed, check_model
 from tests.parallel.test_distributed_training import DUMP, _assert_same_training, table_shapes
 from tests.parallel.test_expert_parallel import GRADS, _assert_same_gradients
 from tests.pretrain.trainer_helpers import logged_rows, run_training
@@ -113,9 +113,10 @@ def _checks(cp: int) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def cp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, str]]]:
-    """Every model-level check, one spawn of ``cp`` ranks per degree; per rank: name -> error."""
-    return {cp: spawn_checks(cp, _checks(cp), tmp_path_factory.mktemp(f"cp{cp}")) for cp in (2, 4)}
+def cp_results(spawned_layer_checks: dict) -> dict[int, list[dict[str, str]]]:
+    """Every model-level check, one spawn of ``cp`` ranks per degree (tests/parallel/conftest.py:
+    the same spawn as the sharded-PKM checks); per rank: name -> error."""
+    return spawned_layer_checks
 
 
 @pytest.mark.parametrize("cp", [2, 4])

@@ -77,11 +77,10 @@ FSDP2 = ("parallel.backend=fsdp2",)
 
 
 @pytest.fixture(scope="module")
-def fsdp2_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 steps on 2 FSDP2 ranks (the same global batch as ``single_process``)."""
-    run_dir = tmp_path_factory.mktemp("fsdp2")
-    run_training(run_dir, *GLOBAL_BATCH_2, *FSDP2, nproc=2, env=DUMP)
-    return run_dir
+def fsdp2_two_ranks(hydra_fast_fsdp2_two_ranks: Path) -> Path:
+    """6 steps on 2 FSDP2 ranks (the same global batch as ``single_process``; tests/conftest.py:
+    shared with the export tests, the same run)."""
+    return hydra_fast_fsdp2_two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +110,8 @@ def test_two_ranks_match_one_process(
 ) -> None:
     if "fsdp2" in backend:
         tmp_path = request.getfixturevalue("fsdp2_two_ranks")
+    elif "zero3" in backend:  # tests/conftest.py: the same run as the export tests'
+        tmp_path = request.getfixturevalue("hydra_fast_zero3_two_ranks")
     else:
         run_training(tmp_path, *GLOBAL_BATCH_2, *backend.split(), nproc=2, env=DUMP)
     _assert_same_training(single_process, tmp_path)
@@ -198,12 +199,12 @@ def test_two_rank_fsdp2_resume_is_exact(
     assert losses(split) == losses(fsdp2_two_ranks)
 
 
-def test_two_rank_zero2_resume_is_exact(tmp_path: Path) -> None:
+def test_two_rank_zero2_resume_is_exact(tmp_path: Path, hydra_fast_zero2_two_ranks: Path) -> None:
+    """The uninterrupted run is tests/conftest.py's (also the DeepSpeed checkpoint tests')."""
     zero2 = ("parallel.backend=deepspeed", "parallel.deepspeed_config=configs/deepspeed/zero2.json")
-    run_training(tmp_path / "full", *GLOBAL_BATCH_2, *zero2, nproc=2)
     run_training(tmp_path / "split", *GLOBAL_BATCH_2, *zero2, nproc=2, stop_at=3)
     run_training(tmp_path / "split", *GLOBAL_BATCH_2, *zero2, nproc=2)
-    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    assert losses(tmp_path / "split") == losses(hydra_fast_zero2_two_ranks)
 
 
 def test_checkpoint_moves_between_world_sizes(

@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from parallel.dims import ParallelDims
 from parallel.expert import apply_expert_parallel
-from parallel.local_ranks import run_on_ranks
 from parallel.mesh import ParallelMesh
 from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.config import MoEConfig
+from tests.parallel.cp_model_check import assert_passed, spawn_checks
 
 D, B, T = 8, 4, 12
 
@@ -60,13 +60,17 @@ def _check_ranks(rank: int, world: int, routing: str, skew: bool) -> None:
     y, aux = moe(x)
     (world * (y * g_all[rows]).sum() + aux).backward()
 
-    torch.testing.assert_close(y, y1[rows], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, world * x1.grad[rows], rtol=1e-5, atol=1e-6)
+    # every collective first, then the comparisons: the cases run one after another in the same
+    # ranks, and a rank that failed one must not leave the other waiting in a collective
     aux_mean = aux.detach().clone()
     dist.all_reduce(aux_mean)
-    torch.testing.assert_close(aux_mean / world, aux1.detach(), rtol=1e-5, atol=1e-8)
     router = moe.router.weight.grad.clone()
     dist.all_reduce(router)
+    sent, received = _rows_sent_and_received(moe, x, rank, world)
+
+    torch.testing.assert_close(y, y1[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, world * x1.grad[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux_mean / world, aux1.detach(), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(router / world, single.router.weight.grad, rtol=1e-4, atol=1e-7)
     n_local = 4 // world
     for name in ("w1", "w3", "w2"):
@@ -75,15 +79,14 @@ def _check_ranks(rank: int, world: int, routing: str, skew: bool) -> None:
         torch.testing.assert_close(local, full, rtol=1e-4, atol=1e-7, msg=name)
     if skew:  # the case this test is for: experts 2 and 3 saw no row on any rank
         assert single.experts.w1.grad[2:].abs().max() == 0
-    _check_counted_bytes(moe, x, mesh, rank, world)
+    _check_counted_bytes(mesh, sent, received, world)
 
 
-def _check_counted_bytes(
-    moe: ChunkMoE, x: torch.Tensor, mesh: ParallelMesh, rank: int, world: int
-) -> None:
-    """The dispatcher's byte count is the exact formula for the routing that happened:
-    dispatch and combine-backward send this rank's rows away, combine and dispatch-backward
-    send back the rows it received."""
+def _rows_sent_and_received(
+    moe: ChunkMoE, x: torch.Tensor, rank: int, world: int
+) -> tuple[int, int]:
+    """The (unit, expert) rows this rank sends to other ranks, and those it receives from them,
+    for the routing that happened (an all-gather of every rank's counts)."""
     routing = moe.route(x.detach())
     owner = routing.expert_idx // (4 // world)  # [N, k] rank of each token's experts
     to_rank = torch.bincount(owner.flatten(), minlength=world)
@@ -91,14 +94,27 @@ def _check_counted_bytes(
     dist.all_gather(table, to_rank)
     sent = int(to_rank.sum() - to_rank[rank])
     received = sum(int(table[src][rank]) for src in range(world) if src != rank)
+    return sent, received
+
+
+def _check_counted_bytes(mesh: ParallelMesh, sent: int, received: int, world: int) -> None:
+    """The dispatcher's byte count is the exact formula for the routing that happened:
+    dispatch and combine-backward send this rank's rows away, combine and dispatch-backward
+    send back the rows it received."""
     assert mesh.comm.bytes["ep/all_to_all"] == 2 * (sent + received) * D * 4
     assert mesh.comm.messages["ep/all_to_all"] == 4 * (world - 1)
 
 
-@pytest.mark.parametrize(
-    ("routing", "skew"),
-    [("chunk", False), ("token", False), ("chunk", True)],
-    ids=["chunk", "token", "empty_experts"],
-)
-def test_dispatcher_matches_one_process(routing: str, skew: bool) -> None:
-    run_on_ranks(2, _check_ranks, routing, skew)
+CASES = {"chunk": ("chunk", False), "token": ("token", False), "empty_experts": ("chunk", True)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    """Every case in one spawn of 2 ranks; per rank: case -> traceback or ""."""
+    checks = {name: (_check_ranks, *case) for name, case in CASES.items()}
+    return spawn_checks(2, checks, tmp_path_factory.mktemp("expert_dispatch"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dispatcher_matches_one_process(results: list[dict[str, str]], case: str) -> None:
+    assert_passed(results, case)

@@ -1,9 +1,10 @@
 """Sharded PKM value tables (``parallel.pkm``) against one process, on 2 and 4 gloo ranks.
 
-Layer level, one spawn per world size: every rank runs the one-process layer on the whole batch
-and the sharded layer on its rows, for 3 AdamW steps with fresh data each step. The rows hold
-repeated reads (duplicated tokens, inside a rank and across ranks) and leave rows nobody reads
-(at most 192 reads of 256 rows). Checked on every step:
+Layer level, one spawn per world size (shared with the context-parallel model checks): every
+rank runs the one-process layer on the whole batch and the sharded layer on its rows, for 3
+AdamW steps with fresh data each step. The rows hold repeated reads (duplicated tokens, inside a
+rank and across ranks) and leave rows nobody reads (at most 192 reads of 256 rows). Checked on
+every step:
 - outputs (rtol 1e-5);
 - the gradients of the value columns each rank holds, of the sub-keys, the query network and
   the norms (the replicated ones averaged over ranks as FSDP does): rtol 1e-4, atol 1e-6 on the
@@ -37,7 +38,7 @@ from pretrain.config import ConfigError, load_config, resolve_parallel_dims
 from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.config import PKMConfig
 from pretrain.optim import build_optimizer
-from tests.parallel.cp_model_check import assert_passed, spawn_checks
+from tests.parallel.cp_model_check import assert_passed
 from tests.pretrain.trainer_helpers import TINY
 
 D, ROWS_PER_RANK, T = 16, 2, 6
@@ -170,8 +171,10 @@ def _checks(world: int) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, str]]]:
-    return {w: spawn_checks(w, _checks(w), tmp_path_factory.mktemp(f"pkm{w}")) for w in (2, 4)}
+def results(spawned_layer_checks: dict) -> dict[int, list[dict[str, str]]]:
+    """One spawn per world size, shared with the context-parallel model checks
+    (tests/parallel/conftest.py); per rank: name -> error."""
+    return spawned_layer_checks
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -14,6 +14,8 @@ from pretrain.models.attamba.attention import AttambaAttention
 from pretrain.models.common.sequence import SequenceContext
 from tests.pretrain.model_helpers import CONFIG_DIR, build_from_config, random_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = "attamba-tiny.yaml"
 
 

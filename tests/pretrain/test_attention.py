@@ -8,6 +8,8 @@ import torch
 from pretrain.models.common.attention import CausalSelfAttention, SparseGlobalAttention
 from pretrain.models.config import AttentionConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = 32
 # window 8, chunks of 4, 3 summaries: at T = 40 late queries see summaries and a window
 CFG = AttentionConfig(n_heads=4, n_kv_heads=2, window=8, summary_chunk=4, n_global=3)

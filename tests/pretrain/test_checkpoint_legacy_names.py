@@ -7,12 +7,15 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from pretrain.checkpoint.files import MANIFEST, file_record
 from tests.pretrain.trainer_helpers import losses, run_training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rewrite_with_legacy_names(ckpt: Path, tmp: Path) -> int:

@@ -21,6 +21,8 @@ from torch._dynamo.utils import counters
 from pretrain.models.kernel_backends import apply_kernel_backends
 from tests.pretrain.model_helpers import SHRINK, build_from_config, random_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 160
 
 CONFIGS = {

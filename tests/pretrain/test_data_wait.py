@@ -14,6 +14,8 @@ import pytest
 
 from tests.pretrain.trainer_helpers import FAST, TINY
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GRAD_ACCUM = 2
 BLOCK_S = 0.02  # how long the slow reader blocks before each micro-batch
 

@@ -20,6 +20,8 @@ from pretrain.models.dreamer.stack import CORE, drawn_recurrence
 from pretrain.models.lm import CausalLM
 from tests.pretrain.model_helpers import CONFIG_DIR, build_from_config, random_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = "dreamer-tiny.yaml"
 
 

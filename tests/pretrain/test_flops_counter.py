@@ -44,6 +44,8 @@ from pretrain.models.common.attention import _prefix_block_keys
 from pretrain.models.common.moe import GroupedExperts
 from tests.pretrain.model_helpers import build_from_config, random_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 0.01
 LENGTHS = (64, 200)
 BATCH = 2

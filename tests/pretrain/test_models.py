@@ -15,6 +15,8 @@ from tests.pretrain.model_helpers import (
     random_tokens,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The 29M configs are exercised at a short length to keep the suite fast on 2 cores; the chunk
 # and window sizes in them are shrunk by overrides so that several chunks/windows are crossed.
 SHORT = {

@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.models.common.moe import ChunkMoE
 from pretrain.models.config import MoEConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = 8
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pretrain.config import load_config
 from pretrain.models import build_model
 from pretrain.models.cache import inference_cache_bytes
 from pretrain.models.params import count_parameters
 from tests.pretrain.model_helpers import CONFIG_DIR
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _account(name: str):

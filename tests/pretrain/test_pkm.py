@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernels.pkm import pkm_brute_force_ref
 from pretrain.models.common.pkm import ProductKeyMemory
 from pretrain.models.config import PKMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_MODEL = 24
 

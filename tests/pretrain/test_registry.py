@@ -17,6 +17,8 @@ from pretrain.models.registry import FAMILY_NAMES, get_family, uses_component
 from pretrain.train_config import TrainConfig
 from tests.pretrain.model_helpers import CONFIG_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _small(family: str) -> ModelConfig:
     cfg = ModelConfig(family=family, d_model=32, n_layers=2, d_ff=64, max_seq_len=64)

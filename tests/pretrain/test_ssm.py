@@ -10,6 +10,8 @@ import torch
 from pretrain.models.common.ssm import Mamba2Mixer, SSMState
 from pretrain.models.config import SSMConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D_MODEL = 32
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pretrain.models.common.layers import wide_linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_values_and_gradients_equal_linear_in_fp64() -> None:

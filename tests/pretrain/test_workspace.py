@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pretrain.models.common.workspace import WorkspaceMemory
 from pretrain.models.config import WorkspaceConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_MODEL, CHUNK = 16, 4
 

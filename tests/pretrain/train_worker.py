@@ -153,12 +153,27 @@ def skip_deepspeed_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def bound_tracker_close(timeout_s: float) -> None:
+    """Give the MLflow tracker's ``close()`` at most ``timeout_s`` (the default is 15 s): a run
+    tracked to a store that never answers then ends that much sooner, still through the path that
+    gives up and names what was never sent."""
+    import functools
+
+    import launch.tracking
+
+    launch.tracking.build_tracker = functools.partial(
+        launch.tracking.build_tracker, close_timeout_s=timeout_s
+    )
+
+
 def main(argv: list[str]) -> int:
     config, stop_at, *overrides = argv
     configure_logging()  # the trainer's lines on stdout, rank 0's, as launch.train shows them
     cfg = load_config(config, overrides)
     if cfg.parallel.backend == "deepspeed":
         skip_deepspeed_shm_build()
+    if os.environ.get("HYDRA_TEST_CLOSE_TIMEOUT_S"):
+        bound_tracker_close(float(os.environ["HYDRA_TEST_CLOSE_TIMEOUT_S"]))
     info = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     if os.environ.get("HYDRA_TEST_COUNT_GATHERS"):
         count_fsdp_gathers(Path(cfg.run.dir) / "gathers.json", info.is_main)

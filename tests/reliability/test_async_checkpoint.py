@@ -28,7 +28,10 @@ from pretrain.checkpoint import files as ckfiles
 from tests.pretrain.dist_checkpoint_worker import build, full_state, train_step
 
 # DCP says it "assumes" single-process intent on every no-process-group call; ours is explicit.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+]
 
 GATE_TIMEOUT_S = 120  # generous: only reached when the drill itself is broken
 

@@ -1,10 +1,11 @@
 """DeepSpeed engine checkpoints are as safe as the DCP ones: 2 gloo ranks, ZeRO-2, under torchrun.
 
-One run trains 6 steps uninterrupted (the reference losses). Another saves at steps 2 and 4 and
-dies while publishing step 6 (manifest written, rename not done). Each case copies that run
-directory, damages it, resumes it to step 6 and compares the losses with the reference: a resume
-from the right checkpoint on *both* ranks gives the same losses, bitwise (any rank resuming from
-another step or state would not). Every resume forbids ``torch.load(weights_only=False)``.
+One run trains 6 steps uninterrupted (the reference losses: tests/conftest.py's, which writes no
+checkpoint before the end). Another saves at steps 2 and 4 and dies while publishing step 6
+(manifest written, rename not done). Each case copies that run directory, damages it, resumes it
+to step 6 and compares the losses with the reference: a resume from the right checkpoint on
+*both* ranks gives the same losses, bitwise (any rank resuming from another step or state would
+not). Every resume forbids ``torch.load(weights_only=False)``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def _resumed_from(output: str) -> dict[int, int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    _train(run_dir)
-    return losses(run_dir)
+def reference(hydra_fast_zero2_two_ranks: Path) -> list[float]:
+    """The uninterrupted run's losses: tests/conftest.py's ZeRO-2 run on the same global batch
+    (shared with the parallel tests; it writes no checkpoint before the end, and checkpoints
+    must not change the losses)."""
+    return losses(hydra_fast_zero2_two_ranks)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from pretrain.config import load_config
 from pretrain.exit_status import read_exit_status, write_exit_status
 from tests.pretrain.trainer_helpers import FAST, TINY
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_a_start_that_fails_before_training_is_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -24,6 +24,8 @@ from pretrain.history import read_metrics, rewrite_metrics
 from tests.pretrain.train_worker import stop_after
 from tests.pretrain.trainer_helpers import FAST, TINY, logged_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KILL_WORKER = Path(__file__).with_name("kill_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 TRACKED = (
