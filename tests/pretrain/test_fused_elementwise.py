@@ -18,6 +18,9 @@ from pretrain.models.common.fused_norm import rms_norm, rms_norm_ref
 from pretrain.models.common.layers import silu_mul
 from pretrain.models.config import SSMConfig
 
+# tiny ops: one intra-op thread (tests/kernels/test_cpu_kernels.py varies the thread count)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 4
 
 
