@@ -10,6 +10,13 @@ or backward, and runs its ops whole on one core.
 
 Each head's arithmetic is the one the unsplit scan does on it; B's and C's gradients are the sum
 of the parts' contributions, added in part order, so results do not depend on thread timing.
+
+Off by default (``HYDRA_SCAN_SPLIT_HEADS=1`` turns it on): measured on the idle 2-core machine,
+hydra-29m's layer shape at 8K, fwd+bwd, the split scan took 238-265 ms against 191-207 ms for the
+unsplit scan on 2 intra-op threads (the parts' Python and op dispatch contend, so the split runs
+at about one thread's speed). With other load on the machine it is the other way round: 357-384
+ms split against 1.07-7.3 s unsplit, whose every small op waits at a barrier for a thread the
+scheduler has parked. Turn it on where the cores are shared.
 """
 
 from __future__ import annotations
@@ -28,11 +35,22 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
 
 
+ENV = "HYDRA_SCAN_SPLIT_HEADS"
+
+
+def split_enabled() -> bool:
+    """``HYDRA_SCAN_SPLIT_HEADS=1`` turns the split on (default ``0``: off), checked."""
+    value = os.environ.get(ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def head_parts(heads_per_group: int, device: torch.device) -> int:
-    """Parts to split each group's heads into: on CPU the largest count up to the intra-op
-    thread count that divides the heads of a group; 1 elsewhere (GPU kernels parallelise
-    themselves) or with one thread."""
-    if device.type != "cpu":
+    """Parts to split each group's heads into: with the split on (``split_enabled``), on CPU the
+    largest count up to the intra-op thread count that divides the heads of a group; else 1 (GPU
+    kernels parallelise themselves; one thread has nothing to split)."""
+    if device.type != "cpu" or not split_enabled():
         return 1
     for n in range(min(torch.get_num_threads(), heads_per_group), 1, -1):
         if heads_per_group % n == 0:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ssd import chunked
+from kernels.ssd import chunked, head_parallel
 from kernels.ssd.chunked import ssd_scan_bounded
 from kernels.ssd.head_parallel import HeadSlice, head_parts, join_heads, run_parts
 
 
 @pytest.fixture
-def threads() -> int:
+def threads(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The split turned on (it is off by default), the thread count restored afterwards."""
+    monkeypatch.setenv(head_parallel.ENV, "1")
     saved = torch.get_num_threads()
     yield saved
     torch.set_num_threads(saved)
@@ -63,6 +65,16 @@ def test_parts_divide_a_groups_heads(threads: int) -> None:
     assert head_parts(12, cpu) == 4 and head_parts(3, cpu) == 3
     torch.set_num_threads(1)
     assert head_parts(12, cpu) == 1
+
+
+def test_the_split_is_off_by_default_and_a_bad_value_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(head_parallel.ENV, raising=False)
+    assert head_parts(12, torch.device("cpu")) == 1
+    monkeypatch.setenv(head_parallel.ENV, "yes")
+    with pytest.raises(ValueError, match="HYDRA_SCAN_SPLIT_HEADS='yes'"):
+        head_parts(12, torch.device("cpu"))
 
 
 def test_slices_join_back_in_head_order() -> None:
